@@ -1,0 +1,1 @@
+//! NHRP engine (being built).
