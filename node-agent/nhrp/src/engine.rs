@@ -1,1 +1,0 @@
-//! NHRP engine (being built).
