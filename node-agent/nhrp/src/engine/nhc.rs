@@ -64,6 +64,9 @@ pub(crate) struct NhsEntry {
     pub timeouts: u32,
     pub failures: u64,
     pub backoff: Duration,
+    /// Wait before the next attempt after a rejection or an Error Indication; doubles up to
+    /// the cap, reset by an accepted registration.
+    pub reject_backoff: Duration,
     pub last_reply: Option<Instant>,
     pub nat_nbma: Option<IpAddr>,
     pub last_rejection: Option<u8>,
@@ -81,6 +84,7 @@ impl NhsEntry {
             timeouts: 0,
             failures: 0,
             backoff: RETRY_FIRST,
+            reject_backoff: RETRY_FIRST,
             last_reply: None,
             nat_nbma: None,
             last_rejection: None,
@@ -285,12 +289,12 @@ impl Engine {
         }
         let next = if rejected.is_some() {
             n.registered = false;
-            let wait = n.backoff;
-            n.backoff = (n.backoff * 2).min(RETRY_CAP);
+            let wait = n.reject_backoff;
+            n.reject_backoff = (n.reject_backoff * 2).min(RETRY_CAP);
             wait
         } else {
             n.registered = true;
-            n.backoff = RETRY_FIRST;
+            n.reject_backoff = RETRY_FIRST;
             secs(self.cfg.holdtime / 3).max(RETRY_FIRST)
         };
         if came_up {
@@ -310,8 +314,8 @@ impl Engine {
         let n = &mut self.nhs[i];
         n.awaiting = false;
         n.registered = false;
-        let wait = n.backoff;
-        n.backoff = (n.backoff * 2).min(RETRY_CAP);
+        let wait = n.reject_backoff;
+        n.reject_backoff = (n.reject_backoff * 2).min(RETRY_CAP);
         self.stats.registrations_rejected += 1;
         self.set_nhs_timer(i, Some(now + wait));
     }
