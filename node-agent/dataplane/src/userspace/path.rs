@@ -1,0 +1,696 @@
+//! The per-packet decisions of the userspace data plane, free of I/O so they can be tested
+//! without root: what to do with a packet read from the TUN, and with a packet read from
+//! the raw GRE socket. Buffers are modified in place (encapsulation, TTL); nothing here
+//! allocates except events, which are deduplicated.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::counters::{Batch, DropReason, Field};
+use crate::events::{Deduper, Event, HAIRPIN_HEAD_LEN, LogOnce, MissReason};
+use crate::gre::{self, GreHeader};
+use crate::tables::{Lookup, Snapshot};
+
+/// Room kept in front of a packet read from the TUN for the GRE header.
+pub(crate) const HEADROOM: usize = gre::MAX_HEADER_LEN;
+
+/// Static facts the packet path needs.
+#[derive(Debug, Clone)]
+pub(crate) struct PathConfig {
+    pub local_nbma: Ipv4Addr,
+    pub key: Option<u32>,
+    pub hub: bool,
+    pub local_addrs: Vec<IpAddr>,
+}
+
+impl PathConfig {
+    fn is_local(&self, a: IpAddr) -> bool {
+        self.local_addrs.contains(&a)
+    }
+}
+
+/// What one packet task owns: counters for the current batch, event dedupers, drop log.
+#[derive(Debug)]
+pub(crate) struct TaskState {
+    pub batch: Batch,
+    pub log: LogOnce,
+    events: mpsc::Sender<Event>,
+    hairpin: Deduper<(IpAddr, IpAddr)>,
+    miss: Deduper<IpAddr>,
+    used: Deduper<IpAddr>,
+}
+
+/// Distinct flows each deduper remembers.
+const DEDUPE_CAP: usize = 4096;
+
+impl TaskState {
+    pub(crate) fn new(task: &'static str, events: mpsc::Sender<Event>, window: Duration) -> Self {
+        Self {
+            batch: Batch::default(),
+            log: LogOnce::new(task, 1024),
+            events,
+            hairpin: Deduper::new(window, DEDUPE_CAP),
+            miss: Deduper::new(window, DEDUPE_CAP),
+            used: Deduper::new(window, DEDUPE_CAP),
+        }
+    }
+
+    pub(crate) fn emit(&mut self, ev: Event) {
+        match self.events.try_send(ev) {
+            Ok(()) => self.batch.add(Field::EventsSent, 1),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.drop_pkt(DropReason::EventQueueFull, None, &"agent event queue full")
+            }
+            // The agent went away; nothing to report to.
+            Err(mpsc::error::TrySendError::Closed(_)) => self.drop_pkt(
+                DropReason::EventQueueFull,
+                None,
+                &"agent event queue closed",
+            ),
+        }
+    }
+
+    pub(crate) fn drop_pkt(
+        &mut self,
+        reason: DropReason,
+        peer: Option<IpAddr>,
+        detail: &dyn std::fmt::Display,
+    ) {
+        self.batch.drop(reason);
+        self.log.drop(reason, peer, detail);
+    }
+
+    fn suppressed(&mut self) {
+        self.batch.add(Field::EventsSuppressed, 1);
+    }
+}
+
+/// Source and destination of an inner IP packet, and the GRE protocol type it needs.
+pub(crate) fn inner_addrs(p: &[u8]) -> Option<(u16, IpAddr, IpAddr)> {
+    match p.first()? >> 4 {
+        4 => {
+            let h: &[u8; 20] = p.get(..20)?.try_into().ok()?;
+            if h[0] & 0x0F < 5 {
+                return None;
+            }
+            let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+            let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+            Some((gre::PROTO_IPV4, src.into(), dst.into()))
+        }
+        6 => {
+            let src: [u8; 16] = p.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = p.get(24..40)?.try_into().ok()?;
+            Some((
+                gre::PROTO_IPV6,
+                Ipv6Addr::from(src).into(),
+                Ipv6Addr::from(dst).into(),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Decrements the TTL / hop limit of an IP packet. Returns false if it would reach zero
+/// (the packet must not be forwarded).
+fn decrement_ttl(p: &mut [u8]) -> bool {
+    match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ihl = usize::from(p[0] & 0x0F) * 4;
+            let Some(ttl) = p.get(8).copied() else {
+                return false;
+            };
+            if ttl <= 1 || p.len() < ihl {
+                return false;
+            }
+            p[8] = ttl - 1;
+            p[10] = 0;
+            p[11] = 0;
+            let sum = gre::internet_checksum(&p[..ihl]).to_be_bytes();
+            p[10] = sum[0];
+            p[11] = sum[1];
+            true
+        }
+        Some(6) => match p.get_mut(7) {
+            Some(h) if *h > 1 => {
+                *h -= 1;
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn v4(a: IpAddr) -> Option<Ipv4Addr> {
+    match a {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// Decision for a packet read from the TUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TunAction {
+    Skip,
+    /// Send `buf[start..end]` (GRE header included) to `to`.
+    Send {
+        start: usize,
+        end: usize,
+        to: Ipv4Addr,
+    },
+}
+
+/// A packet was read into `buf[HEADROOM..HEADROOM + len]`: route it, encapsulate in place.
+pub(crate) fn tun_packet(
+    cfg: &PathConfig,
+    snap: &Snapshot,
+    buf: &mut [u8],
+    len: usize,
+    now: Instant,
+    st: &mut TaskState,
+) -> TunAction {
+    let Some(pkt) = buf.get(HEADROOM..HEADROOM + len) else {
+        st.drop_pkt(
+            DropReason::BadInner,
+            None,
+            &"TUN read larger than the buffer",
+        );
+        return TunAction::Skip;
+    };
+    st.batch.add(Field::TunRxPackets, 1);
+    st.batch.add(Field::TunRxBytes, len as u64);
+    let Some((proto, _src, dst)) = inner_addrs(pkt) else {
+        st.drop_pkt(DropReason::BadInner, None, &"TUN packet is not IPv4/IPv6");
+        return TunAction::Skip;
+    };
+    let (next_hop, nbma) = match snap.lookup(dst) {
+        Lookup::Neighbor { next_hop, nbma } => (next_hop, nbma),
+        Lookup::NoNeighbor { next_hop } => {
+            st.drop_pkt(
+                DropReason::NoNeighbor,
+                Some(next_hop),
+                &format_args!("next hop {next_hop} for {dst} has no NBMA address yet"),
+            );
+            if st.miss.allow(dst, now) {
+                st.emit(Event::Miss {
+                    dst,
+                    next_hop,
+                    reason: MissReason::NoNeighbor,
+                });
+            } else {
+                st.suppressed();
+            }
+            return TunAction::Skip;
+        }
+        Lookup::NoRoute => {
+            st.drop_pkt(
+                DropReason::NoRoute,
+                None,
+                &format_args!("no overlay route to {dst}"),
+            );
+            return TunAction::Skip;
+        }
+    };
+    let Some(to) = v4(nbma) else {
+        st.drop_pkt(
+            DropReason::SendError,
+            Some(nbma),
+            &"IPv6 NBMA addresses need an IPv6 underlay socket",
+        );
+        return TunAction::Skip;
+    };
+    let hdr = GreHeader::with_key(proto, cfg.key);
+    let start = HEADROOM - hdr.len();
+    let end = HEADROOM + len;
+    if buf
+        .get_mut(start..end)
+        .is_none_or(|p| hdr.encode_packet(p).is_err())
+    {
+        st.drop_pkt(DropReason::BadInner, None, &"no room for the GRE header");
+        return TunAction::Skip;
+    }
+    if snap.is_nhs(next_hop) {
+        if dst != next_hop {
+            if st.miss.allow(dst, now) {
+                st.emit(Event::Miss {
+                    dst,
+                    next_hop,
+                    reason: MissReason::ViaNhs,
+                });
+            } else {
+                st.suppressed();
+            }
+        }
+    } else if st.used.allow(dst, now) {
+        st.emit(Event::Used { dst, next_hop });
+    } else {
+        st.suppressed();
+    }
+    TunAction::Send { start, end, to }
+}
+
+/// Decision for a packet read from the raw GRE socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RxAction {
+    Skip,
+    /// Write `buf[start..end]` (the inner packet) to the TUN.
+    Tun {
+        start: usize,
+        end: usize,
+    },
+    /// Hub: send `buf[start..end]` (new GRE header included) to `to`.
+    Forward {
+        start: usize,
+        end: usize,
+        to: Ipv4Addr,
+    },
+}
+
+/// A raw IPv4 packet (outer header included, as raw sockets deliver it) is in `buf`.
+pub(crate) fn rx_packet(
+    cfg: &PathConfig,
+    snap: &Snapshot,
+    buf: &mut [u8],
+    now: Instant,
+    st: &mut TaskState,
+) -> RxAction {
+    // Outer IPv4 header. The kernel has validated and reassembled it already; check only
+    // what we rely on.
+    let Some(h) = buf.get(..20) else {
+        st.drop_pkt(DropReason::BadOuter, None, &"shorter than an IPv4 header");
+        return RxAction::Skip;
+    };
+    let ihl = usize::from(h[0] & 0x0F) * 4;
+    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+    let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+    let peer = Some(IpAddr::V4(src));
+    if h[0] >> 4 != 4 || ihl < 20 || h[9] != 47 || total < ihl || total > buf.len() {
+        st.drop_pkt(DropReason::BadOuter, peer, &"malformed outer IPv4 header");
+        return RxAction::Skip;
+    }
+    if dst != cfg.local_nbma {
+        st.drop_pkt(
+            DropReason::NotForUs,
+            peer,
+            &format_args!("outer destination {dst} is not our NBMA address"),
+        );
+        return RxAction::Skip;
+    }
+    let (hdr, off) = match buf.get(ihl..total).map(GreHeader::decode) {
+        Some(Ok(x)) => x,
+        Some(Err(e)) => {
+            st.drop_pkt(DropReason::BadGre, peer, &e);
+            return RxAction::Skip;
+        }
+        None => {
+            st.drop_pkt(DropReason::BadOuter, peer, &"bad outer length");
+            return RxAction::Skip;
+        }
+    };
+    if hdr.key != cfg.key {
+        let detail = format_args!(
+            "GRE key {:?} does not match ours ({:?}); check the tunnel key on both ends",
+            hdr.key, cfg.key
+        );
+        st.drop_pkt(DropReason::WrongKey, peer, &detail);
+        return RxAction::Skip;
+    }
+    let inner_start = ihl + off;
+    st.batch.add(Field::RxPackets, 1);
+    st.batch.add(Field::RxBytes, (total - ihl) as u64);
+    let Some(inner) = buf.get(inner_start..total) else {
+        return RxAction::Skip;
+    };
+    match hdr.protocol {
+        gre::PROTO_NHRP => {
+            st.batch.add(Field::NhrpRx, 1);
+            st.emit(Event::Nhrp {
+                from_nbma: IpAddr::V4(src),
+                bytes: inner.to_vec(),
+            });
+            RxAction::Skip
+        }
+        gre::PROTO_IPV4 | gre::PROTO_IPV6 => {
+            let Some((proto, isrc, idst)) = inner_addrs(inner) else {
+                st.drop_pkt(DropReason::BadInner, peer, &"inner packet is not IPv4/IPv6");
+                return RxAction::Skip;
+            };
+            if proto != hdr.protocol {
+                st.drop_pkt(
+                    DropReason::BadInner,
+                    peer,
+                    &"inner IP version does not match the GRE protocol type",
+                );
+                return RxAction::Skip;
+            }
+            let to_tun = RxAction::Tun {
+                start: inner_start,
+                end: total,
+            };
+            if !cfg.hub || cfg.is_local(idst) {
+                return to_tun;
+            }
+            let Lookup::Neighbor { nbma, .. } = snap.lookup(idst) else {
+                // Not for another spoke: the hub's own stack decides (local prefixes, ICMP).
+                return to_tun;
+            };
+            let Some(to) = v4(nbma) else {
+                return to_tun;
+            };
+            if to == src {
+                st.drop_pkt(
+                    DropReason::HairpinLoop,
+                    peer,
+                    &format_args!("packet for {idst} would go back to the spoke it came from"),
+                );
+                return RxAction::Skip;
+            }
+            let Some(inner) = buf.get_mut(inner_start..total) else {
+                return RxAction::Skip;
+            };
+            if !decrement_ttl(inner) {
+                // TTL expired: let the kernel answer with ICMP time exceeded.
+                return to_tun;
+            }
+            let head = if st.hairpin.allow((isrc, idst), now) {
+                Some(inner.get(..HAIRPIN_HEAD_LEN).unwrap_or(inner).to_vec())
+            } else {
+                st.suppressed();
+                None
+            };
+            let out = GreHeader::with_key(proto, cfg.key);
+            // The old outer IPv4 + GRE headers (at least 24 bytes) leave room for ours.
+            let Some(start) = inner_start.checked_sub(out.len()) else {
+                return to_tun;
+            };
+            if buf
+                .get_mut(start..total)
+                .is_none_or(|p| out.encode_packet(p).is_err())
+            {
+                return to_tun;
+            }
+            st.batch.add(Field::HubFwdPackets, 1);
+            st.batch
+                .add(Field::HubFwdBytes, (total - inner_start) as u64);
+            if let Some(head) = head {
+                st.emit(Event::Hairpin {
+                    src: isrc,
+                    dst: idst,
+                    ingress_nbma: IpAddr::V4(src),
+                    head,
+                });
+            }
+            RxAction::Forward {
+                start,
+                end: total,
+                to,
+            }
+        }
+        other => {
+            st.drop_pkt(
+                DropReason::UnknownProtocol,
+                peer,
+                &format_args!("GRE protocol type {other:#06x} is not IPv4, IPv6 or NHRP"),
+            );
+            RxAction::Skip
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::AtomicCounters;
+    use crate::tables::Tables;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn icmp(src: [u8; 4], dst: [u8; 4], ttl: u8) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv4(src, dst, ttl).icmpv4_echo_request(1, 1);
+        let mut v = Vec::new();
+        b.write(&mut v, &[7u8; 20]).unwrap();
+        v
+    }
+
+    /// Outer IPv4 header (protocol 47) + GRE + payload, as a raw socket delivers it.
+    fn outer(src: [u8; 4], dst: [u8; 4], gre: &[u8]) -> Vec<u8> {
+        let h =
+            etherparse::Ipv4Header::new(gre.len() as u16, 64, etherparse::IpNumber::GRE, src, dst)
+                .unwrap();
+        let mut v = h.to_bytes().to_vec();
+        v.extend_from_slice(gre);
+        v
+    }
+
+    fn setup(hub: bool, local: &str) -> (PathConfig, Tables, TaskState, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(16);
+        let cfg = PathConfig {
+            local_nbma: "198.51.100.1".parse().unwrap(),
+            key: Some(42),
+            hub,
+            local_addrs: vec![ip(local)],
+        };
+        (
+            cfg,
+            Tables::new(),
+            TaskState::new("test", tx, Duration::from_secs(1)),
+            rx,
+        )
+    }
+
+    fn counters(st: &mut TaskState) -> crate::Counters {
+        let c = AtomicCounters::default();
+        c.flush(&mut st.batch);
+        c.snapshot()
+    }
+
+    #[test]
+    fn tun_packet_is_encapsulated_to_the_neighbour() {
+        let (cfg, t, mut st, mut rx) = setup(false, "10.42.0.2");
+        t.set_neighbor(ip("10.42.0.3"), ip("198.51.100.3"));
+        let pkt = icmp([10, 42, 0, 2], [10, 42, 0, 3], 64);
+        let mut buf = vec![0u8; HEADROOM + 2000];
+        buf[HEADROOM..HEADROOM + pkt.len()].copy_from_slice(&pkt);
+        let now = Instant::now();
+        let a = tun_packet(&cfg, &t.load(), &mut buf, pkt.len(), now, &mut st);
+        let TunAction::Send { start, end, to } = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(to, Ipv4Addr::new(198, 51, 100, 3));
+        assert_eq!(&buf[start..start + 8], &[0x20, 0, 0x08, 0, 0, 0, 0, 42]);
+        assert_eq!(&buf[start + 8..end], &pkt[..]);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Event::Used {
+                dst: ip("10.42.0.3"),
+                next_hop: ip("10.42.0.3")
+            }
+        );
+        // The same destination again within the window: no second event.
+        let _ = tun_packet(&cfg, &t.load(), &mut buf, pkt.len(), now, &mut st);
+        assert!(rx.try_recv().is_err());
+        let c = counters(&mut st);
+        assert_eq!(c.tun_rx_packets, 2);
+        assert_eq!(c.events_suppressed, 1);
+    }
+
+    #[test]
+    fn tun_misses_via_hub_and_without_neighbour() {
+        let (cfg, t, mut st, mut rx) = setup(false, "10.42.0.2");
+        t.set_neighbor(ip("10.42.0.1"), ip("198.51.100.1"));
+        t.set_route("10.42.0.0/24".parse().unwrap(), ip("10.42.0.1"));
+        t.set_route("10.1.3.0/24".parse().unwrap(), ip("10.42.0.3"));
+        t.set_nhs(&[ip("10.42.0.1")]);
+        let now = Instant::now();
+        let mut buf = vec![0u8; HEADROOM + 2000];
+        let pkt = icmp([10, 42, 0, 2], [10, 42, 0, 3], 64);
+        buf[HEADROOM..HEADROOM + pkt.len()].copy_from_slice(&pkt);
+        let a = tun_packet(&cfg, &t.load(), &mut buf, pkt.len(), now, &mut st);
+        assert!(matches!(a, TunAction::Send { to, .. } if to == Ipv4Addr::new(198, 51, 100, 1)));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Event::Miss {
+                dst: ip("10.42.0.3"),
+                next_hop: ip("10.42.0.1"),
+                reason: MissReason::ViaNhs
+            }
+        );
+        let pkt = icmp([10, 42, 0, 2], [10, 1, 3, 9], 64);
+        buf[HEADROOM..HEADROOM + pkt.len()].copy_from_slice(&pkt);
+        let a = tun_packet(&cfg, &t.load(), &mut buf, pkt.len(), now, &mut st);
+        assert_eq!(a, TunAction::Skip);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Event::Miss {
+                dst: ip("10.1.3.9"),
+                next_hop: ip("10.42.0.3"),
+                reason: MissReason::NoNeighbor
+            }
+        );
+        let pkt = icmp([10, 42, 0, 2], [172, 16, 0, 1], 64);
+        buf[HEADROOM..HEADROOM + pkt.len()].copy_from_slice(&pkt);
+        assert_eq!(
+            tun_packet(&cfg, &t.load(), &mut buf, pkt.len(), now, &mut st),
+            TunAction::Skip
+        );
+        // Traffic to the hub itself is neither a miss nor shortcut use.
+        let pkt = icmp([10, 42, 0, 2], [10, 42, 0, 1], 64);
+        buf[HEADROOM..HEADROOM + pkt.len()].copy_from_slice(&pkt);
+        let _ = tun_packet(&cfg, &t.load(), &mut buf, pkt.len(), now, &mut st);
+        assert!(rx.try_recv().is_err());
+        let c = counters(&mut st);
+        assert_eq!((c.drops.no_neighbor, c.drops.no_route), (1, 1));
+    }
+
+    #[test]
+    fn hub_forwards_between_spokes_and_reports_hairpin() {
+        let (cfg, t, mut st, mut rx) = setup(true, "10.42.0.1");
+        t.set_neighbor(ip("10.42.0.2"), ip("198.51.100.2"));
+        t.set_neighbor(ip("10.42.0.3"), ip("198.51.100.3"));
+        let inner = icmp([10, 42, 0, 2], [10, 42, 0, 3], 64);
+        let gre = GreHeader::with_key(gre::PROTO_IPV4, Some(42)).to_packet(&inner);
+        let now = Instant::now();
+        for round in 0..2 {
+            let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+            let a = rx_packet(&cfg, &t.load(), &mut buf, now, &mut st);
+            let RxAction::Forward { start, end, to } = a else {
+                panic!("{a:?}")
+            };
+            assert_eq!(to, Ipv4Addr::new(198, 51, 100, 3));
+            let (h, off) = GreHeader::decode(&buf[start..end]).unwrap();
+            assert_eq!(h.key, Some(42));
+            let fwd = &buf[start + off..end];
+            let parsed = etherparse::Ipv4HeaderSlice::from_slice(fwd).unwrap();
+            assert_eq!(parsed.ttl(), 63);
+            assert_eq!(
+                gre::internet_checksum(&fwd[..20]),
+                0,
+                "header checksum updated"
+            );
+            if round == 0 {
+                let Ok(Event::Hairpin {
+                    src,
+                    dst,
+                    ingress_nbma,
+                    head,
+                }) = rx.try_recv()
+                else {
+                    panic!()
+                };
+                assert_eq!((src, dst), (ip("10.42.0.2"), ip("10.42.0.3")));
+                assert_eq!(ingress_nbma, ip("198.51.100.2"));
+                assert_eq!(head.len(), inner.len().min(HAIRPIN_HEAD_LEN));
+            } else {
+                assert!(rx.try_recv().is_err(), "deduplicated");
+            }
+        }
+        // Addressed to the hub itself: to the TUN, not forwarded.
+        let inner = icmp([10, 42, 0, 2], [10, 42, 0, 1], 64);
+        let gre = GreHeader::with_key(gre::PROTO_IPV4, Some(42)).to_packet(&inner);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        let a = rx_packet(&cfg, &t.load(), &mut buf, now, &mut st);
+        assert_eq!(
+            a,
+            RxAction::Tun {
+                start: 28,
+                end: buf.len()
+            }
+        );
+        assert_eq!(&buf[28..], &inner[..]);
+        // Back to the sender: a loop.
+        let inner = icmp([10, 42, 0, 3], [10, 42, 0, 2], 64);
+        let gre = GreHeader::with_key(gre::PROTO_IPV4, Some(42)).to_packet(&inner);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        assert_eq!(
+            rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+            RxAction::Skip
+        );
+        let c = counters(&mut st);
+        assert_eq!(c.hub_forwarded_packets, 2);
+        assert_eq!(c.drops.hairpin_loop, 1);
+        assert_eq!(c.events_suppressed, 1);
+    }
+
+    #[test]
+    fn rx_checks_key_destination_and_protocols() {
+        let (cfg, t, mut st, mut rx) = setup(false, "10.42.0.1");
+        let now = Instant::now();
+        let inner = icmp([10, 42, 0, 2], [10, 42, 0, 1], 64);
+        for key in [Some(7), None] {
+            let gre = GreHeader::with_key(gre::PROTO_IPV4, key).to_packet(&inner);
+            let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+            assert_eq!(
+                rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+                RxAction::Skip
+            );
+        }
+        let gre = GreHeader::with_key(gre::PROTO_IPV4, Some(42)).to_packet(&inner);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 9], &gre);
+        assert_eq!(
+            rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+            RxAction::Skip
+        );
+        let gre = GreHeader::with_key(0x88CC, Some(42)).to_packet(&inner);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        assert_eq!(
+            rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+            RxAction::Skip
+        );
+        let gre = GreHeader::with_key(gre::PROTO_IPV6, Some(42)).to_packet(&inner);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        assert_eq!(
+            rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+            RxAction::Skip
+        );
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &[0x20, 0, 8]);
+        assert_eq!(
+            rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+            RxAction::Skip
+        );
+        let nhrp = [0u8, 1, 8, 0, 0, 0, 0, 0];
+        let gre = GreHeader::with_key(gre::PROTO_NHRP, Some(42)).to_packet(&nhrp);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        assert_eq!(
+            rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+            RxAction::Skip
+        );
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Event::Nhrp {
+                from_nbma: ip("198.51.100.2"),
+                bytes: nhrp.to_vec()
+            }
+        );
+        let c = counters(&mut st);
+        assert_eq!(c.drops.wrong_key, 2);
+        assert_eq!(c.drops.not_for_us, 1);
+        assert_eq!(c.drops.unknown_protocol, 1);
+        assert_eq!(c.drops.bad_inner, 1);
+        assert_eq!(c.drops.bad_gre, 1);
+        assert_eq!((c.rx_packets, c.nhrp_rx_packets), (3, 1));
+    }
+
+    #[test]
+    fn rx_never_panics_on_garbage() {
+        use proptest::prelude::*;
+        let (cfg, t, st, _rx) = setup(true, "10.42.0.1");
+        t.set_neighbor(ip("10.42.0.3"), ip("198.51.100.3"));
+        let st = std::cell::RefCell::new(st);
+        proptest!(|(mut bytes in proptest::collection::vec(any::<u8>(), 0..120), fix in any::<bool>())| {
+            if fix && bytes.len() >= 20 {
+                // Make the outer header plausible so the GRE and inner parsers are reached.
+                let n = bytes.len() as u16;
+                bytes[0] = 0x45;
+                bytes[2..4].copy_from_slice(&n.to_be_bytes());
+                bytes[9] = 47;
+                bytes[16..20].copy_from_slice(&[198, 51, 100, 1]);
+            }
+            let _ = rx_packet(&cfg, &t.load(), &mut bytes, Instant::now(), &mut st.borrow_mut());
+        });
+    }
+}
