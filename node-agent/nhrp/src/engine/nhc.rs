@@ -323,16 +323,23 @@ impl Engine {
     /// Preferred NHS: up first, then lower priority value, then configuration order; a down
     /// NHS only if nothing else is left.
     pub(super) fn best_nhs(&self) -> Option<usize> {
+        self.best_nhs_avoiding(None)
+    }
+
+    fn best_nhs_avoiding(&self, avoid: Option<usize>) -> Option<usize> {
         self.nhs
             .iter()
             .enumerate()
             .min_by_key(|(i, n)| {
+                let avoided = Some(*i) == avoid && n.state != NhsState::Down;
                 let rank = match n.state {
                     NhsState::Up => 0,
                     NhsState::Probing => 1,
                     NhsState::Down => 2,
                 };
-                (rank, n.cfg.priority, *i)
+                // An avoided NHS ranks just above the down ones.
+                let rank = if avoided { 1 } else { rank };
+                (rank, avoided, n.cfg.priority, *i)
             })
             .map(|(i, _)| i)
     }
@@ -394,15 +401,16 @@ impl Engine {
             return;
         }
         let id = self.next_id();
-        let via = self.send_resolution_request(dst, id);
+        let via = self.send_resolution_request(dst, id, None);
         let mut p = Pending { request_id: id, tries: 1, via, refresh_of, deadline: None };
         self.timers.set(&mut p.deadline, TimerKey::Pending(dst), Some(now + RETRY_FIRST));
         self.pending.insert(dst, p);
     }
 
-    /// Sends a Resolution Request for `dst` to the preferred NHS; returns its index.
-    fn send_resolution_request(&mut self, dst: IpAddr, id: u32) -> Option<usize> {
-        let i = self.best_nhs()?;
+    /// Sends a Resolution Request for `dst` to the preferred NHS (avoiding `avoid` when
+    /// another NHS is not down); returns its index.
+    fn send_resolution_request(&mut self, dst: IpAddr, id: u32, avoid: Option<usize>) -> Option<usize> {
+        let i = self.best_nhs_avoiding(avoid)?;
         let to = self.nhs.get(i)?.cfg.nbma_address;
         let hl = self.host_len();
         let nat = self.nhs.get(i).and_then(|n| n.nat_nbma);
@@ -456,8 +464,16 @@ impl Engine {
         p.tries += 1;
         let wait = RETRY_FIRST * (1u32 << (p.tries - 1).min(6));
         let id = p.request_id;
-        // Same request id; the NHS may differ if the previous one went down.
-        let via = self.send_resolution_request(dst, id);
+        let last = p.via;
+        // The NHS that did not answer may be dead: probe it now with a registration rather
+        // than at the next refresh, so that it is declared down within seconds.
+        if let Some(i) = last {
+            if self.nhs.get(i).is_some_and(|n| !n.awaiting) {
+                self.start_registration(now, i);
+            }
+        }
+        // Same request id; another NHS if there is one that is not down.
+        let via = self.send_resolution_request(dst, id, last);
         if let Some(p) = self.pending.get_mut(&dst) {
             p.via = via;
             self.timers.set(&mut p.deadline, TimerKey::Pending(dst), Some(now + wait));
