@@ -107,8 +107,8 @@ pub(crate) struct Tracker {
     hard_deadline: Option<Instant>,
     soft_bytes: u64,
     hard_bytes: u64,
-    soft_packets: (u64, LimitKind),
-    hard_packets: (u64, LimitKind),
+    soft_packets: u64,
+    hard_packets: u64,
     bytes: u64,
     packets: u64,
     soft: Option<LimitKind>,
@@ -118,46 +118,37 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    /// `seq_capacity`: how many packets the sequence number space allows (outbound), or
-    /// `u64::MAX` when it does not limit this SA.
-    pub(crate) fn new(life: &Lifetime, now: Instant, seq_capacity: u64) -> Tracker {
+    pub(crate) fn new(life: &Lifetime, now: Instant) -> Tracker {
         let soft_time = life.soft_time.or_else(|| life.hard_time.map(|h| h - h / 8));
         let deadline = |d: Option<Duration>| d.and_then(|d| now.checked_add(d));
-        let hard_bytes = life.hard_bytes.unwrap_or(u64::MAX);
-        let soft_bytes = life
-            .soft_bytes
-            .or(life.hard_bytes.map(seven_eighths))
-            .unwrap_or(u64::MAX);
-        let cfg_hard_packets = life.hard_packets.unwrap_or(u64::MAX);
-        let cfg_soft_packets = life
-            .soft_packets
-            .or(life.hard_packets.map(seven_eighths))
-            .unwrap_or(u64::MAX);
-        let seq_soft = if seq_capacity == u64::MAX {
-            u64::MAX
-        } else {
-            seven_eighths(seq_capacity)
-        };
-        let pick = |cfg: u64, seq: u64| {
-            if seq < cfg {
-                (seq, LimitKind::SequenceNumbers)
-            } else {
-                (cfg, LimitKind::Packets)
-            }
+        let soft_or_derived = |soft: Option<u64>, hard: Option<u64>| {
+            soft.or(hard.map(seven_eighths)).unwrap_or(u64::MAX)
         };
         Tracker {
             soft_deadline: deadline(soft_time),
             hard_deadline: deadline(life.hard_time),
-            soft_bytes,
-            hard_bytes,
-            soft_packets: pick(cfg_soft_packets, seq_soft),
-            hard_packets: pick(cfg_hard_packets, seq_capacity),
+            soft_bytes: soft_or_derived(life.soft_bytes, life.hard_bytes),
+            hard_bytes: life.hard_bytes.unwrap_or(u64::MAX),
+            soft_packets: soft_or_derived(life.soft_packets, life.hard_packets),
+            hard_packets: life.hard_packets.unwrap_or(u64::MAX),
             bytes: 0,
             packets: 0,
             soft: None,
             hard: None,
             soft_reported: false,
             hard_reported: false,
+        }
+    }
+
+    /// Outbound: the sequence number `seq` was just used, `seq_max` is the last usable one.
+    /// Asks for a rekey at 7/8 of the space and expires when it is used up.
+    #[inline]
+    pub(crate) fn note_seq(&mut self, seq: u64, seq_max: u64) {
+        if seq >= seven_eighths(seq_max) {
+            self.fire_soft(LimitKind::SequenceNumbers);
+        }
+        if seq >= seq_max {
+            self.fire_hard(LimitKind::SequenceNumbers);
         }
     }
 
@@ -182,8 +173,8 @@ impl Tracker {
             return Err(kind);
         }
         self.check_time(now);
-        if self.packets >= self.hard_packets.0 {
-            self.fire_hard(self.hard_packets.1);
+        if self.packets >= self.hard_packets {
+            self.fire_hard(LimitKind::Packets);
         } else if self.bytes >= self.hard_bytes {
             self.fire_hard(LimitKind::Bytes);
         }
@@ -200,15 +191,15 @@ impl Tracker {
         self.bytes = self
             .bytes
             .saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
-        if self.packets >= self.soft_packets.0 {
-            self.fire_soft(self.soft_packets.1);
+        if self.packets >= self.soft_packets {
+            self.fire_soft(LimitKind::Packets);
         }
         if self.bytes >= self.soft_bytes {
             self.fire_soft(LimitKind::Bytes);
         }
         // Expire as soon as the limit is used up, so the signal precedes the next refused packet.
-        if self.packets >= self.hard_packets.0 {
-            self.fire_hard(self.hard_packets.1);
+        if self.packets >= self.hard_packets {
+            self.fire_hard(LimitKind::Packets);
         }
         if self.bytes >= self.hard_bytes {
             self.fire_hard(LimitKind::Bytes);
@@ -275,7 +266,7 @@ mod tests {
             hard_packets: Some(800),
             ..Lifetime::UNLIMITED
         };
-        let mut t = Tracker::new(&life, now, u64::MAX);
+        let mut t = Tracker::new(&life, now);
         for _ in 0..699 {
             t.admit(now).unwrap();
             t.record(1);
@@ -291,14 +282,24 @@ mod tests {
     }
 
     #[test]
-    fn sequence_space_limits_when_smaller() {
+    fn sequence_space_soft_then_hard() {
         let now = Instant::now();
-        let t = Tracker::new(&Lifetime::UNLIMITED, now, u64::from(u32::MAX));
+        let max = u64::from(u32::MAX);
+        let mut t = Tracker::new(&Lifetime::UNLIMITED, now);
+        t.note_seq(seven_eighths(max) - 1, max);
+        assert!(!t.rekey_needed());
+        t.note_seq(seven_eighths(max), max);
         assert_eq!(
-            t.hard_packets,
-            (u64::from(u32::MAX), LimitKind::SequenceNumbers)
+            t.poll_signal(),
+            Some(SaSignal::RekeyNeeded(LimitKind::SequenceNumbers))
         );
-        assert!(t.soft_packets.0 < u64::from(u32::MAX) - (1 << 28));
+        assert!(t.admit(now).is_ok());
+        t.note_seq(max, max);
+        assert_eq!(t.admit(now), Err(LimitKind::SequenceNumbers));
+        assert_eq!(
+            t.poll_signal(),
+            Some(SaSignal::Expired(LimitKind::SequenceNumbers))
+        );
     }
 
     #[test]
@@ -331,7 +332,7 @@ mod tests {
     #[test]
     fn time_jump_past_hard_reports_both() {
         let now = Instant::now();
-        let mut t = Tracker::new(&Lifetime::default(), now, u64::MAX);
+        let mut t = Tracker::new(&Lifetime::default(), now);
         assert_eq!(t.next_deadline(), Some(now + Duration::from_secs(3000)));
         assert_eq!(
             t.admit(now + Duration::from_secs(4000)),

@@ -37,31 +37,21 @@ impl ReplayWindow {
         self.top
     }
 
-    /// The full sequence number of a packet carrying `seq_low` (RFC 4303 Appendix A2.2).
-    /// `None` means it can only lie before sequence number 0: older than anything valid.
+    /// The full sequence number of a packet carrying `seq_low` (ESN: RFC 4303 Appendix A2.2).
+    ///
+    /// Picks the 64-bit number with these low bits nearest to the highest one seen (at most
+    /// 2^31 behind or less than 2^31 ahead). For every packet inside the window or ahead of it
+    /// by less than 2^31 this is exactly the Appendix A2.2 result; A2.2 would read a number
+    /// just below the window as belonging to the next subspace, 2^32 - W ahead, and hand it to
+    /// the ICV check, whereas here it is reported as too old without spending a decryption.
+    /// `None`: it would lie before sequence number 0.
     #[inline]
     pub(crate) fn infer(&self, seq_low: u32) -> Option<u64> {
         if !self.esn {
             return Some(u64::from(seq_low));
         }
-        let th = (self.top >> 32) as u32;
-        let tl = self.top as u32;
-        // window <= 65536, so this fits in u32.
-        let w1 = (self.window - 1) as u32;
-        let seqh = if tl >= w1 {
-            // Window inside one 2^32 subspace: a number below its bottom belongs to the next one.
-            if seq_low >= tl - w1 {
-                Some(th)
-            } else {
-                th.checked_add(1)
-            }
-        } else if seq_low >= tl.wrapping_sub(w1) {
-            // Window straddles two subspaces: a number in its upper part is from the previous one.
-            th.checked_sub(1)
-        } else {
-            Some(th)
-        };
-        seqh.map(|h| (u64::from(h) << 32) | u64::from(seq_low))
+        let delta = seq_low.wrapping_sub(self.top as u32) as i32;
+        self.top.checked_add_signed(i64::from(delta))
     }
 
     /// Cheap pre-authentication check; the window is only moved by [`Self::accept`].
@@ -177,14 +167,28 @@ mod tests {
         // Now the window straddles: high low-bits mean the previous subspace.
         assert_eq!(w.infer(u32::MAX - 3), Some(u64::from(u32::MAX - 3)));
         assert_eq!(w.infer(6), Some((1u64 << 32) + 6));
-        // Far below the window in the previous subspace would be ambiguous: treated as next.
-        assert_eq!(w.infer(0x8000_0000), Some((1u64 << 32) + 0x8000_0000));
+        // Less than 2^31 ahead: this subspace.
+        assert_eq!(w.infer(0x8000_0004), Some((1u64 << 32) + 0x8000_0004));
+        // 2^31 or more ahead is read as behind (previous subspace), hence too old.
+        assert_eq!(w.infer(0x8000_0005), Some(0x8000_0005));
+        assert!(w.check(0x8000_0005).is_err());
+        // Just below the window in the same subspace: too old (A2.2 would say next subspace).
+        w.accept((1u64 << 32) + 5000).unwrap();
+        assert_eq!(w.infer(3000), Some((1u64 << 32) + 3000));
+        assert_eq!(
+            w.check((1u64 << 32) + 3000),
+            Err(EspError::TooOld {
+                seq: (1u64 << 32) + 3000
+            })
+        );
     }
 
     #[test]
     fn esn_fresh_window_rejects_previous_subspace() {
         let w = ReplayWindow::new(1024, true);
         assert_eq!(w.infer(1), Some(1));
+        assert_eq!(w.infer(0x7FFF_FFFF), Some(0x7FFF_FFFF));
+        assert_eq!(w.infer(0x8000_0000), None);
         assert_eq!(w.infer(u32::MAX), None);
     }
 }

@@ -172,7 +172,7 @@ impl SecurityAssociation {
             crypto,
             next_seq: 1,
             seq_max,
-            life: Tracker::new(&self.lifetime, now, seq_max),
+            life: Tracker::new(&self.lifetime, now),
             counters: OutboundCounters::default(),
         })
     }
@@ -186,7 +186,7 @@ impl SecurityAssociation {
             esn: self.esn,
             crypto,
             replay: ReplayWindow::new(self.replay_window, self.esn),
-            life: Tracker::new(&self.lifetime, now, u64::MAX),
+            life: Tracker::new(&self.lifetime, now),
             counters: InboundCounters::default(),
         })
     }
@@ -436,6 +436,7 @@ impl OutboundSa {
         icv.copy_from_slice(tag.as_ref());
 
         self.life.record(payload_len);
+        self.life.note_seq(seq, self.seq_max);
         self.counters.packets += 1;
         self.counters.bytes += payload_len as u64;
         Ok(needed)
@@ -586,7 +587,7 @@ impl InboundSa {
             .get(payload_len..payload_len + pad)
             .ok_or(EspError::BadPadding)?;
         // RFC 4303 §2.4: default padding is 1, 2, 3, ...
-        if padding.iter().zip(1u8..).any(|(b, want)| *b != want) {
+        if padding.iter().zip(1..=u8::MAX).any(|(b, want)| *b != want) {
             return Err(EspError::BadPadding);
         }
 
