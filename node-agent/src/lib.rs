@@ -1,3 +1,7 @@
 //! The kube-dmvpn node agent: configuration, control socket, CLI rendering and the run loop.
 
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod render;
+pub mod view;

@@ -1,0 +1,319 @@
+//! Command line: `run`, `check-config`, and the `show`/`clear` clients of the control socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::config::{self, DEFAULT_CONTROL_SOCKET};
+use crate::control::{self, ClientError, Command};
+use crate::render;
+use crate::view::{CacheView, ClearView, DmvpnView, NhsListView};
+
+/// Exit status: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: an error (invalid configuration, agent error reply, run failure).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status: the command line is wrong (clap's own code).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: the agent is not running (nothing listens on the control socket).
+pub const EXIT_NOT_RUNNING: u8 = 3;
+
+/// How long the CLI waits for the agent's reply.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dmvpn-agent",
+    version,
+    about = "kube-dmvpn node agent: DMVPN hub (NHS) or spoke (NHC) over mGRE + NHRP",
+    after_help = "Exit status: 0 ok, 1 error, 2 usage, 3 agent not running."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: TopCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopCommand {
+    /// Run the agent in the foreground until SIGINT or SIGTERM.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit (0 if valid).
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Show state of the running agent.
+    Show {
+        #[command(subcommand)]
+        what: ShowCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Clear state of the running agent.
+    Clear {
+        #[command(subcommand)]
+        what: ClearCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Print the agent's JSON reply instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The agent's control socket.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "DMVPN_SOCKET",
+        default_value = DEFAULT_CONTROL_SOCKET
+    )]
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ShowCommand {
+    /// Tunnel peers: NBMA and tunnel address, state, up/down time, attributes.
+    Dmvpn,
+    /// NHRP state.
+    Nhrp {
+        #[command(subcommand)]
+        what: ShowNhrp,
+    },
+    /// NHRP and data plane counters.
+    Counters,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ShowNhrp {
+    /// The NHRP cache (registrations, shortcuts, pending and negative entries).
+    Cache,
+    /// The next hop servers and our registration with each.
+    Nhs,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ClearCommand {
+    /// NHRP state.
+    Nhrp {
+        #[command(subcommand)]
+        what: ClearNhrp,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ClearNhrp {
+    /// Shortcuts, pending and negative resolutions (registrations are kept).
+    Cache,
+}
+
+impl ShowCommand {
+    pub fn command(self) -> Command {
+        match self {
+            ShowCommand::Dmvpn => Command::ShowDmvpn,
+            ShowCommand::Nhrp {
+                what: ShowNhrp::Cache,
+            } => Command::ShowNhrpCache,
+            ShowCommand::Nhrp {
+                what: ShowNhrp::Nhs,
+            } => Command::ShowNhrpNhs,
+            ShowCommand::Counters => Command::ShowCounters,
+        }
+    }
+}
+
+impl ClearCommand {
+    pub fn command(self) -> Command {
+        match self {
+            ClearCommand::Nhrp {
+                what: ClearNhrp::Cache,
+            } => Command::ClearNhrpCache,
+        }
+    }
+}
+
+fn typed<T: DeserializeOwned>(socket: &Path, v: Value) -> Result<T, ClientError> {
+    serde_json::from_value(v).map_err(|e| ClientError::Protocol {
+        path: socket.to_owned(),
+        why: format!("unexpected reply shape: {e}"),
+    })
+}
+
+/// Renders a command's result: pretty JSON with `json`, else the table.
+pub fn render_result(
+    command: Command,
+    result: Value,
+    json: bool,
+    socket: &Path,
+) -> Result<String, ClientError> {
+    if json {
+        let mut s = serde_json::to_string_pretty(&result).map_err(|e| ClientError::Protocol {
+            path: socket.to_owned(),
+            why: e.to_string(),
+        })?;
+        s.push('\n');
+        return Ok(s);
+    }
+    Ok(match command {
+        Command::ShowDmvpn => render::dmvpn(&typed::<DmvpnView>(socket, result)?),
+        Command::ShowNhrpCache => render::cache(&typed::<CacheView>(socket, result)?),
+        Command::ShowNhrpNhs => render::nhs(&typed::<NhsListView>(socket, result)?),
+        Command::ClearNhrpCache => render::clear(&typed::<ClearView>(socket, result)?),
+        Command::ShowCounters => render::counters(&result),
+    })
+}
+
+/// Runs a `show`/`clear` command against the agent and returns the text to print.
+pub fn client(command: Command, args: &ClientArgs) -> Result<String, ClientError> {
+    let result = control::request(&args.socket, command, CLIENT_TIMEOUT)?;
+    render_result(command, result, args.json, &args.socket)
+}
+
+/// Exit status for a client error.
+pub fn client_exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::NotRunning { .. } => EXIT_NOT_RUNNING,
+        _ => EXIT_ERROR,
+    }
+}
+
+/// `check-config`: a one-line summary of a valid file, or the error.
+pub fn check_config(file: &Path) -> Result<String, config::ConfigError> {
+    let c = config::load(file)?;
+    let nbma = match &c.nbma {
+        config::NbmaSource::Address(a) => a.to_string(),
+        config::NbmaSource::Interface(i) => format!("interface {i}"),
+    };
+    Ok(format!(
+        "{}: OK: {} {} on {} (NBMA {nbma}), phase {}, {} NHS, {} local prefixes, control socket {}\n",
+        file.display(),
+        c.role,
+        c.tunnel_address,
+        c.tun_name,
+        c.phase.get(),
+        c.nhs.len(),
+        c.local_prefixes.len(),
+        c.control_socket.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn show_commands_parse() {
+        let c = parse(&[
+            "dmvpn-agent",
+            "show",
+            "dmvpn",
+            "--json",
+            "--socket",
+            "/tmp/x.sock",
+        ]);
+        let TopCommand::Show { what, client } = c.command else {
+            panic!("not show")
+        };
+        assert_eq!(what.command(), Command::ShowDmvpn);
+        assert!(client.json);
+        assert_eq!(client.socket, PathBuf::from("/tmp/x.sock"));
+
+        let c = parse(&["dmvpn-agent", "show", "--json", "nhrp", "nhs"]);
+        let TopCommand::Show { what, client } = c.command else {
+            panic!("not show")
+        };
+        assert_eq!(what.command(), Command::ShowNhrpNhs);
+        assert!(client.json);
+
+        let c = parse(&["dmvpn-agent", "show", "nhrp", "cache"]);
+        let TopCommand::Show { what, client } = c.command else {
+            panic!("not show")
+        };
+        assert_eq!(what.command(), Command::ShowNhrpCache);
+        assert!(!client.json);
+
+        let c = parse(&["dmvpn-agent", "clear", "nhrp", "cache", "--json"]);
+        let TopCommand::Clear { what, client } = c.command else {
+            panic!("not clear")
+        };
+        assert_eq!(what.command(), Command::ClearNhrpCache);
+        assert!(client.json);
+
+        let c = parse(&["dmvpn-agent", "show", "counters"]);
+        let TopCommand::Show { what, .. } = c.command else {
+            panic!("not show")
+        };
+        assert_eq!(what.command(), Command::ShowCounters);
+    }
+
+    #[test]
+    fn run_and_check_config_parse() {
+        let c = parse(&["dmvpn-agent", "run", "--config", "/etc/dmvpn.toml"]);
+        assert!(
+            matches!(c.command, TopCommand::Run { config } if config == Path::new("/etc/dmvpn.toml"))
+        );
+        let c = parse(&["dmvpn-agent", "check-config", "a.toml"]);
+        assert!(
+            matches!(c.command, TopCommand::CheckConfig { file } if file == Path::new("a.toml"))
+        );
+        assert!(Cli::try_parse_from(["dmvpn-agent", "show", "bogus"]).is_err());
+        assert!(Cli::try_parse_from(["dmvpn-agent", "run"]).is_err());
+    }
+
+    #[test]
+    fn render_json_is_the_result_verbatim() {
+        let v = serde_json::json!({"cleared": 3});
+        let s = render_result(Command::ClearNhrpCache, v.clone(), true, Path::new("/s")).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&s).unwrap(), v);
+        let s = render_result(Command::ClearNhrpCache, v, false, Path::new("/s")).unwrap();
+        assert_eq!(s, "Cleared 3 NHRP cache entries.\n");
+    }
+
+    #[test]
+    fn render_rejects_wrong_shape() {
+        let e = render_result(
+            Command::ShowDmvpn,
+            serde_json::json!({"x": 1}),
+            false,
+            Path::new("/s"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unexpected reply shape"), "{e}");
+    }
+
+    #[test]
+    fn not_running_names_socket() {
+        let args = ClientArgs {
+            json: false,
+            socket: PathBuf::from("/nonexistent/dmvpn-test.sock"),
+        };
+        let e = client(Command::ShowDmvpn, &args).unwrap_err();
+        assert_eq!(client_exit_code(&e), EXIT_NOT_RUNNING);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("agent not running") && msg.contains("/nonexistent/dmvpn-test.sock"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+    }
+}
