@@ -109,20 +109,27 @@ pub fn pcap_records(data: &[u8]) -> (u32, Vec<Vec<u8>>) {
     (linktype, out)
 }
 
-/// For an Ethernet frame carrying IPv4: (src, dst, protocol, IP payload).
-pub fn ipv4_of_ethernet(frame: &[u8]) -> Option<([u8; 4], [u8; 4], u8, &[u8])> {
+/// An IPv4 packet inside an Ethernet frame.
+pub struct Ipv4<'a> {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    pub payload: &'a [u8],
+}
+
+pub fn ipv4_of_ethernet(frame: &[u8]) -> Option<Ipv4<'_>> {
     if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
         return None;
     }
     let ip = &frame[14..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    Some((
-        ip[12..16].try_into().unwrap(),
-        ip[16..20].try_into().unwrap(),
-        ip[9],
-        &ip[ihl..total],
-    ))
+    Some(Ipv4 {
+        src: ip[12..16].try_into().unwrap(),
+        dst: ip[16..20].try_into().unwrap(),
+        proto: ip[9],
+        payload: &ip[ihl..total],
+    })
 }
 
 pub fn hex(s: &str) -> Vec<u8> {
