@@ -1,0 +1,384 @@
+//! End-to-end test of the userspace data plane in network namespaces (needs root; skipped
+//! with a message otherwise).
+//!
+//! Underlay: namespaces hub (198.51.100.1), A (.2) and B (.3) with veth links to a bridge in
+//! a fourth namespace. Overlay 10.42.0.0/24 over GRE key 42, one `UserspaceDataPlane` per
+//! node, each on its own thread that entered the namespace with `setns` and runs its own
+//! tokio runtime (worker threads inherit the namespace).
+//!
+//! Checks: A → B goes through the hub (hub forwarding counter grows, Hairpin at the hub,
+//! Miss at A); with direct neighbours on A and B it no longer does (hub counter still,
+//! Used at A); NHRP packets arrive as events; kernel routes follow set/del_route; a wrong
+//! GRE key is dropped and counted, not delivered.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dmvpn_dataplane::gre::{self, GreHeader};
+use dmvpn_dataplane::{
+    Counters, DataPlane, Event, MissReason, UserspaceConfig, UserspaceDataPlane,
+};
+use tokio::sync::mpsc;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Deletes the namespaces it created, also when the test fails.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn add(&mut self, name: &str) {
+        run(&["ip", "netns", "add", name]);
+        self.0.push(name.to_string());
+        run(&["ip", "-n", name, "link", "set", "lo", "up"]);
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for n in self.0.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+struct Ctx {
+    dp: Arc<UserspaceDataPlane>,
+    events: std::sync::Mutex<mpsc::Receiver<Event>>,
+    rt: tokio::runtime::Runtime,
+}
+
+type Job = Box<dyn FnOnce(&Ctx) + Send>;
+
+/// A data plane on its own thread inside a namespace; closures run there.
+struct Node {
+    jobs: Option<std_mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    fn start(ns: &str, cfg: UserspaceConfig) -> Node {
+        let (jtx, jrx) = std_mpsc::channel::<Job>();
+        let (rtx, rrx) = std_mpsc::channel::<Result<(), String>>();
+        let path = format!("/run/netns/{ns}");
+        let thread = std::thread::spawn(move || {
+            let setup = || -> Result<Ctx, String> {
+                let f = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| e.to_string())?;
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let (dp, events) = rt
+                    .block_on(UserspaceDataPlane::start(cfg))
+                    .map_err(|e| e.to_string())?;
+                Ok(Ctx {
+                    dp,
+                    events: std::sync::Mutex::new(events),
+                    rt,
+                })
+            };
+            let ctx = match setup() {
+                Ok(c) => {
+                    let _ = rtx.send(Ok(()));
+                    c
+                }
+                Err(e) => {
+                    let _ = rtx.send(Err(e));
+                    return;
+                }
+            };
+            while let Ok(job) = jrx.recv() {
+                job(&ctx);
+            }
+            // Stop the data plane inside its runtime before the runtime goes away.
+            let Ctx { dp, events, rt } = ctx;
+            rt.block_on(async move {
+                drop(dp);
+                drop(events);
+            });
+        });
+        let node = Node {
+            jobs: Some(jtx),
+            thread: Some(thread),
+        };
+        rrx.recv().unwrap().unwrap();
+        node
+    }
+
+    fn run<R: Send + 'static>(&self, f: impl FnOnce(&Ctx) -> R + Send + 'static) -> R {
+        let (tx, rx) = std_mpsc::channel();
+        let job: Job = Box::new(move |c| {
+            let _ = tx.send(f(c));
+        });
+        self.jobs.as_ref().unwrap().send(job).unwrap();
+        rx.recv().unwrap()
+    }
+
+    fn counters(&self) -> Counters {
+        self.run(|c| c.dp.counters())
+    }
+
+    fn set_neighbor(&self, proto: &str, nbma: &str) {
+        let (p, n) = (ip(proto), ip(nbma));
+        self.run(move |c| c.rt.block_on(c.dp.set_neighbor(p, n)).unwrap());
+    }
+
+    fn set_route(&self, prefix: &str, nh: &str) {
+        let (p, n) = (prefix.parse().unwrap(), ip(nh));
+        self.run(move |c| c.rt.block_on(c.dp.set_route(p, n)).unwrap());
+    }
+
+    fn del_route(&self, prefix: &str) {
+        let p = prefix.parse().unwrap();
+        self.run(move |c| c.rt.block_on(c.dp.del_route(p)).unwrap());
+    }
+
+    /// Waits up to 5 s for an event matching `pred`; earlier non-matching ones are skipped.
+    fn wait_event(&self, pred: impl Fn(&Event) -> bool + Send + 'static) -> Option<Event> {
+        self.run(move |c| {
+            let mut rx = c.events.lock().unwrap();
+            c.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Some(ev) = rx.recv().await {
+                        if pred(&ev) {
+                            return Some(ev);
+                        }
+                    }
+                    None
+                })
+                .await
+                .ok()
+                .flatten()
+            })
+        })
+    }
+
+    fn drain_events(&self) {
+        self.run(|c| while c.events.lock().unwrap().try_recv().is_ok() {});
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ping(ns: &str, dst: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ping", "-n", "-q", "-c", "3", "-i", "0.2",
+        ])
+        .args(["-w", "10", dst])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+fn config(tunnel: &str, nbma: [u8; 4], hub: bool) -> UserspaceConfig {
+    let mut c = UserspaceConfig::new("dmvpn0", tunnel.parse().unwrap(), Ipv4Addr::from(nbma));
+    c.gre_key = Some(42);
+    c.hub = hub;
+    c
+}
+
+#[test]
+fn three_nodes_hub_and_shortcut() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP three_nodes_hub_and_shortcut: needs root (network namespaces, TUN)");
+        return;
+    }
+    let have_tools = ["ip", "ping"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    if !have_tools {
+        eprintln!("SKIP three_nodes_hub_and_shortcut: needs `ip` (iproute2) and `ping`");
+        return;
+    }
+
+    let p = format!("dpt{}", std::process::id());
+    let (sw, nh, na, nb) = (
+        format!("{p}-sw"),
+        format!("{p}-hub"),
+        format!("{p}-a"),
+        format!("{p}-b"),
+    );
+    let mut nss = Namespaces(Vec::new());
+    nss.add(&sw);
+    run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+    run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+    for (i, ns) in [&nh, &na, &nb].into_iter().enumerate() {
+        nss.add(ns);
+        let port = format!("p{i}");
+        run(&[
+            "ip", "-n", ns, "link", "add", "e0", "type", "veth", "peer", "name", &port, "netns",
+            &sw,
+        ]);
+        run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+        let addr = format!("198.51.100.{}/24", i + 1);
+        run(&["ip", "-n", ns, "addr", "add", &addr, "dev", "e0"]);
+        run(&["ip", "-n", ns, "link", "set", "e0", "up"]);
+    }
+
+    let hub = Node::start(&nh, config("10.42.0.1/24", [198, 51, 100, 1], true));
+    let a = Node::start(&na, config("10.42.0.2/24", [198, 51, 100, 2], false));
+    let b = Node::start(&nb, config("10.42.0.3/24", [198, 51, 100, 3], false));
+    assert_eq!(hub.run(|c| c.dp.mtu()), 1472);
+
+    hub.set_neighbor("10.42.0.2", "198.51.100.2");
+    hub.set_neighbor("10.42.0.3", "198.51.100.3");
+    for spoke in [&a, &b] {
+        spoke.set_neighbor("10.42.0.1", "198.51.100.1");
+        spoke.set_route("10.42.0.0/24", "10.42.0.1");
+        spoke.run(|c| c.rt.block_on(c.dp.set_nhs(vec![ip("10.42.0.1")])).unwrap());
+    }
+
+    // Spoke to hub.
+    assert!(
+        ping(&na, "10.42.0.1"),
+        "A cannot reach the hub over the overlay"
+    );
+    assert_eq!(hub.counters().hub_forwarded_packets, 0);
+
+    // Spoke to spoke through the hub.
+    assert!(ping(&na, "10.42.0.3"), "A cannot reach B through the hub");
+    let fwd = hub.counters().hub_forwarded_packets;
+    assert!(
+        fwd >= 6,
+        "3 requests and 3 replies forwarded by the hub, got {fwd}"
+    );
+    let hp = hub.wait_event(|e| matches!(e, Event::Hairpin { src, .. } if *src == ip("10.42.0.2")));
+    match hp {
+        Some(Event::Hairpin {
+            dst,
+            ingress_nbma,
+            head,
+            ..
+        }) => {
+            assert_eq!(dst, ip("10.42.0.3"));
+            assert_eq!(ingress_nbma, ip("198.51.100.2"));
+            assert_eq!(head[0] >> 4, 4, "head starts at the inner IPv4 header");
+        }
+        other => panic!("no Hairpin event at the hub: {other:?}"),
+    }
+    let miss = a.wait_event(|e| matches!(e, Event::Miss { .. }));
+    assert_eq!(
+        miss,
+        Some(Event::Miss {
+            dst: ip("10.42.0.3"),
+            next_hop: ip("10.42.0.1"),
+            reason: MissReason::ViaNhs
+        })
+    );
+
+    // Shortcut: direct neighbours on A and B; the hub no longer forwards.
+    a.set_neighbor("10.42.0.3", "198.51.100.3");
+    b.set_neighbor("10.42.0.2", "198.51.100.2");
+    a.drain_events();
+    let before = hub.counters();
+    assert!(ping(&na, "10.42.0.3"), "A cannot reach B over the shortcut");
+    let after = hub.counters();
+    assert_eq!(after.hub_forwarded_packets, before.hub_forwarded_packets);
+    assert_eq!(
+        after.rx_packets, before.rx_packets,
+        "hub saw no shortcut traffic"
+    );
+    assert_eq!(
+        a.wait_event(|e| matches!(e, Event::Used { .. })),
+        Some(Event::Used {
+            dst: ip("10.42.0.3"),
+            next_hop: ip("10.42.0.3")
+        })
+    );
+
+    // NHRP travels as GRE 0x2001 and arrives as an event.
+    let nhrp = vec![0x00, 0x01, 0x08, 0x00, 0xAB];
+    let sent = nhrp.clone();
+    hub.run(move |c| {
+        c.rt.block_on(c.dp.send_nhrp(ip("198.51.100.2"), &sent))
+            .unwrap()
+    });
+    assert_eq!(
+        a.wait_event(|e| matches!(e, Event::Nhrp { .. })),
+        Some(Event::Nhrp {
+            from_nbma: ip("198.51.100.1"),
+            bytes: nhrp
+        })
+    );
+    assert_eq!(hub.counters().nhrp_tx_packets, 1);
+
+    // Kernel routes follow the forwarding table (outside the connected tunnel network).
+    a.set_route("10.1.3.0/24", "10.42.0.3");
+    let show = run(&["ip", "-n", &na, "route", "show", "10.1.3.0/24"]);
+    assert!(
+        String::from_utf8_lossy(&show.stdout).contains("dev dmvpn0"),
+        "kernel route missing: {}",
+        String::from_utf8_lossy(&show.stdout)
+    );
+    a.del_route("10.1.3.0/24");
+    let show = run(&["ip", "-n", &na, "route", "show", "10.1.3.0/24"]);
+    assert!(String::from_utf8_lossy(&show.stdout).trim().is_empty());
+
+    // Wrong GRE key: a raw packet from A's namespace with key 7 carrying a ping to the hub.
+    let before = hub.counters();
+    a.run(|_| {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_GRE)),
+        )
+        .unwrap();
+        let mut inner = Vec::new();
+        etherparse::PacketBuilder::ipv4([10, 42, 0, 2], [10, 42, 0, 1], 64)
+            .icmpv4_echo_request(9, 9)
+            .write(&mut inner, b"wrong key")
+            .unwrap();
+        let pkt = GreHeader::with_key(gre::PROTO_IPV4, Some(7)).to_packet(&inner);
+        let to = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 0);
+        s.send_to(&pkt, &to.into()).unwrap();
+    });
+    assert!(
+        wait_until(|| hub.counters().drops.wrong_key == before.drops.wrong_key + 1),
+        "wrong key not counted: {:?}",
+        hub.counters()
+    );
+    let after = hub.counters();
+    assert_eq!(after.tun_tx_packets, before.tun_tx_packets, "not delivered");
+    assert_eq!(after.rx_packets, before.rx_packets);
+}
