@@ -1,21 +1,25 @@
-//! Talking to a running `dmvpn-agent`: its control socket (one JSON request per line, one
-//! JSON reply per line) and a typed view of what the checks need.
+//! Talking to a running `dmvpn-agent` over its control socket: one JSON request per line,
+//! one reply per line, `{"ok":true,"result":{...}}` or `{"ok":false,"error":"..."}`
+//! (node-agent/src/control.rs). The reply shapes are node-agent/src/view.rs; only the fields
+//! the checks use are declared here, so fields the agent adds later do not break the lab.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// One request on the control socket; returns the parsed reply.
+/// One request on the control socket; returns the `result` of a successful reply.
 pub fn control(socket: &Path, cmd: &str) -> Result<Value> {
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("cannot connect to control socket {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.set_write_timeout(Some(Duration::from_secs(3)))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let req = serde_json::json!({ "cmd": cmd });
     s.write_all(format!("{req}\n").as_bytes())?;
     let mut line = String::new();
@@ -24,10 +28,23 @@ pub fn control(socket: &Path, cmd: &str) -> Result<Value> {
         .with_context(|| format!("no reply to {cmd} on {}", socket.display()))?;
     let v: Value = serde_json::from_str(line.trim())
         .with_context(|| format!("reply to {cmd} is not JSON: {}", line.trim()))?;
-    if let Some(e) = v.get("error") {
-        bail!("agent answered {cmd} with an error: {e}");
+    if v.get("ok").and_then(Value::as_bool) != Some(true) {
+        let err = v
+            .get("error")
+            .map(Value::to_string)
+            .unwrap_or_else(|| v.to_string());
+        bail!("agent answered {cmd} with an error: {err}");
     }
-    Ok(v)
+    v.get("result")
+        .cloned()
+        .ok_or_else(|| anyhow!("reply to {cmd} has no result: {v}"))
+}
+
+fn typed<T: DeserializeOwned>(socket: &Path, cmd: &str) -> Result<(T, Value)> {
+    let v = control(socket, cmd)?;
+    let t = serde_json::from_value(v.clone())
+        .with_context(|| format!("unexpected {cmd} reply shape: {v}"))?;
+    Ok((t, v))
 }
 
 /// The agent binary: explicit path, else env `DMVPN_AGENT`, else `dmvpn-agent` next to the
@@ -63,93 +80,54 @@ pub fn locate_agent(explicit: Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
-/// What the checks read from one agent at one moment.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub dmvpn: Value,
-    pub cache: Value,
-    pub nhs: Value,
-    pub counters: Value,
+/// One NHRP cache entry (`show_nhrp_cache` → `entries[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CacheEntry {
+    /// "local", "nhs", "dynamic", "shortcut", "incomplete" or "negative".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// "10.102.0.0/24"
+    pub prefix: String,
+    /// Overlay next hop owning the prefix.
+    pub protocol: IpAddr,
+    pub nbma: Option<IpAddr>,
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
 }
 
-impl Snapshot {
-    pub fn query(socket: &Path) -> Result<Snapshot> {
-        Ok(Snapshot {
-            dmvpn: control(socket, "show_dmvpn")?,
-            cache: control(socket, "show_nhrp_cache")?,
-            nhs: control(socket, "show_nhrp_nhs")?,
-            counters: control(socket, "show_counters")?,
-        })
+impl CacheEntry {
+    /// (network, length) of `prefix`, IPv4 only.
+    fn net(&self) -> Option<(Ipv4Addr, u8)> {
+        let (a, l) = self.prefix.split_once('/')?;
+        let len: u8 = l.parse().ok()?;
+        (len <= 32).then_some(())?;
+        Some((a.parse().ok()?, len))
     }
 
-    /// NHRP cache entries (array in the reply).
-    pub fn cache_entries(&self) -> Vec<CacheEntry> {
-        Cache::from_json(self.cache.clone()).entries
+    /// Does the entry's prefix contain `a`?
+    pub fn covers(&self, a: Ipv4Addr) -> bool {
+        let Some((net, len)) = self.net() else {
+            return false;
+        };
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        u32::from(a) & mask == u32::from(net) & mask
     }
 
-    /// Data packets the hub forwarded from one spoke to another.
-    pub fn hub_forwarded(&self) -> u64 {
-        self.counter("hub_forwarded_packets")
+    pub fn nbma_v4(&self) -> Option<Ipv4Addr> {
+        match self.nbma {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        }
     }
+}
 
-    /// Traffic Indications (redirects) sent.
-    pub fn redirects_sent(&self) -> u64 {
-        self.counters
-            .pointer("/nhrp/messages/traffic_indication/tx")
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    }
-
-    /// Is `tunnel` registered with NBMA `nbma` (a dynamic entry in a hub's cache)?
-    pub fn has_registration(&self, tunnel: Ipv4Addr, nbma: Ipv4Addr) -> bool {
-        self.cache_entries()
-            .iter()
-            .any(|e| e.covers(tunnel) && e.nbma == Some(nbma) && e.is_registration())
-    }
-
-    /// Any cache entry covering `addr`?
-    pub fn entry_for(&self, addr: Ipv4Addr) -> Option<CacheEntry> {
-        self.cache_entries().into_iter().find(|e| e.covers(addr))
-    }
-
-    /// A shortcut (resolved, not via an NHS) towards `addr`, with its NBMA.
-    pub fn shortcut_for(&self, addr: Ipv4Addr) -> Option<CacheEntry> {
-        self.cache_entries()
-            .into_iter()
-            .find(|e| e.covers(addr) && e.is_shortcut())
-    }
-
-    /// NHS entries: (tunnel address, up?).
-    pub fn nhs_states(&self) -> Vec<(Option<Ipv4Addr>, bool)> {
-        entries(&self.nhs)
-            .iter()
-            .map(|v| {
-                let addr = str_field(v, &["tunnel_address", "proto", "protocol", "nhs"])
-                    .and_then(|s| s.parse().ok());
-                let state = str_field(v, &["state", "status"]).unwrap_or_default();
-                let up = state.eq_ignore_ascii_case("up")
-                    || state.eq_ignore_ascii_case("registered")
-                    || v.get("up").and_then(Value::as_bool).unwrap_or(false);
-                (addr, up)
-            })
-            .collect()
-    }
-
-    pub fn nhs_up_count(&self) -> usize {
-        self.nhs_states().iter().filter(|(_, up)| *up).count()
-    }
-
-    pub fn nhs_up(&self, nhs: Ipv4Addr) -> Option<bool> {
-        self.nhs_states()
-            .into_iter()
-            .find(|(a, _)| *a == Some(nhs))
-            .map(|(_, up)| up)
-    }
-
-    /// A counter by name (searched in the counters reply, nested objects included).
-    pub fn counter(&self, name: &str) -> u64 {
-        find_u64(&self.counters, name).unwrap_or(0)
-    }
+#[derive(Debug, Clone, Deserialize)]
+struct CacheReply {
+    entries: Vec<CacheEntry>,
 }
 
 /// The NHRP cache of one agent.
@@ -161,103 +139,196 @@ pub struct Cache {
 
 impl Cache {
     pub fn query(socket: &Path) -> Result<Cache> {
-        Ok(Cache::from_json(control(socket, "show_nhrp_cache")?))
-    }
-
-    pub fn from_json(raw: Value) -> Cache {
-        let entries = entries(&raw)
-            .iter()
-            .filter_map(CacheEntry::from_json)
-            .collect();
-        Cache { raw, entries }
-    }
-
-    pub fn entry_for(&self, addr: Ipv4Addr) -> Option<&CacheEntry> {
-        self.entries.iter().find(|e| e.covers(addr))
-    }
-
-    pub fn shortcut_for(&self, addr: Ipv4Addr) -> Option<&CacheEntry> {
-        self.entries
-            .iter()
-            .find(|e| e.covers(addr) && e.is_shortcut())
-    }
-}
-
-/// One NHRP cache entry, as far as the checks care.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheEntry {
-    pub prefix: Ipv4Addr,
-    pub prefix_len: u8,
-    pub nbma: Option<Ipv4Addr>,
-    pub kind: String,
-    pub raw: Value,
-}
-
-impl CacheEntry {
-    fn from_json(v: &Value) -> Option<CacheEntry> {
-        let target = str_field(v, &["prefix", "target", "protocol", "proto", "address"])?;
-        let (addr, len) = match target.split_once('/') {
-            Some((a, l)) => (a.parse().ok()?, l.parse().ok()?),
-            None => (target.parse().ok()?, 32),
-        };
-        let nbma = str_field(v, &["nbma", "nbma_address"]).and_then(|s| s.parse().ok());
-        let kind = str_field(v, &["type", "kind"]).unwrap_or_default();
-        Some(CacheEntry {
-            prefix: addr,
-            prefix_len: len,
-            nbma,
-            kind: kind.to_ascii_lowercase(),
-            raw: v.clone(),
+        let (r, raw): (CacheReply, _) = typed(socket, "show_nhrp_cache")?;
+        Ok(Cache {
+            raw,
+            entries: r.entries,
         })
     }
 
-    pub fn covers(&self, a: Ipv4Addr) -> bool {
-        if self.prefix_len > 32 {
-            return false;
+    /// The most specific entry (any type) covering `addr`.
+    pub fn entry_for(&self, addr: Ipv4Addr) -> Option<&CacheEntry> {
+        self.entries
+            .iter()
+            .filter(|e| e.covers(addr))
+            .max_by_key(|e| e.net().map(|(_, l)| l))
+    }
+
+    /// A registration of `tunnel` (hub side: type "dynamic").
+    pub fn registration(&self, tunnel: Ipv4Addr) -> Option<&CacheEntry> {
+        self.entries
+            .iter()
+            .find(|e| e.kind == "dynamic" && e.protocol == IpAddr::V4(tunnel))
+    }
+
+    /// Any entry whose next hop is `tunnel` (its registrations and registered prefixes).
+    pub fn mentions(&self, tunnel: Ipv4Addr) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.kind != "local" && e.protocol == IpAddr::V4(tunnel))
+    }
+
+    /// A shortcut (learned by resolution) covering `addr`.
+    pub fn shortcut_for(&self, addr: Ipv4Addr) -> Option<&CacheEntry> {
+        self.entries
+            .iter()
+            .find(|e| e.kind == "shortcut" && e.covers(addr))
+    }
+}
+
+/// One configured NHS (`show_nhrp_nhs` → `nhs[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Nhs {
+    pub tunnel_address: IpAddr,
+    pub nbma_address: IpAddr,
+    pub state: String,
+    pub registered: bool,
+    #[serde(default)]
+    pub preferred: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct NhsReply {
+    nhs: Vec<Nhs>,
+}
+
+/// `show_dmvpn`, the fields the lab reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Dmvpn {
+    pub role: String,
+    pub phase: u8,
+    pub nbma_address: IpAddr,
+    pub peers: Vec<Value>,
+}
+
+/// What the checks read from one agent at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub dmvpn: Dmvpn,
+    pub cache: Cache,
+    pub nhs: Vec<Nhs>,
+    /// `show_counters`: `{"nhrp": {...}, "dataplane": {...}}`.
+    pub counters: Value,
+}
+
+impl Snapshot {
+    pub fn query(socket: &Path) -> Result<Snapshot> {
+        let (dmvpn, _) = typed(socket, "show_dmvpn")?;
+        let cache = Cache::query(socket)?;
+        let (nhs, _): (NhsReply, _) = typed(socket, "show_nhrp_nhs")?;
+        Ok(Snapshot {
+            dmvpn,
+            cache,
+            nhs: nhs.nhs,
+            counters: counters(socket)?,
+        })
+    }
+
+    /// Is `tunnel` registered with NBMA `nbma` (a dynamic entry in a hub's cache)?
+    pub fn has_registration(&self, tunnel: Ipv4Addr, nbma: Ipv4Addr) -> bool {
+        self.cache
+            .registration(tunnel)
+            .is_some_and(|e| e.nbma == Some(IpAddr::V4(nbma)))
+    }
+
+    pub fn nhs_up_count(&self) -> usize {
+        self.nhs.iter().filter(|n| n.registered).count()
+    }
+
+    /// The NHS entry for `tunnel`.
+    pub fn nhs(&self, tunnel: Ipv4Addr) -> Option<&Nhs> {
+        self.nhs
+            .iter()
+            .find(|n| n.tunnel_address == IpAddr::V4(tunnel))
+    }
+
+    /// Data packets the hub forwarded from one spoke to another.
+    pub fn hub_forwarded(&self) -> u64 {
+        counter(&self.counters, "/dataplane/hub_forwarded_packets")
+    }
+
+    /// Traffic Indications (redirects) sent.
+    pub fn redirects_sent(&self) -> u64 {
+        counter(&self.counters, "/nhrp/messages/traffic_indication/tx")
+    }
+}
+
+/// `show_counters` as a JSON tree.
+pub fn counters(socket: &Path) -> Result<Value> {
+    control(socket, "show_counters")
+}
+
+/// A counter by JSON pointer ("/dataplane/drops/wrong_key"); 0 when absent.
+pub fn counter(counters: &Value, pointer: &str) -> u64 {
+    counters
+        .pointer(pointer)
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(kind: &str, prefix: &str, proto: &str, nbma: Option<&str>) -> CacheEntry {
+        CacheEntry {
+            kind: kind.into(),
+            prefix: prefix.into(),
+            protocol: proto.parse().unwrap(),
+            nbma: nbma.map(|n| n.parse().unwrap()),
+            expires_in_secs: None,
         }
-        let mask = if self.prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix_len))
+    }
+
+    #[test]
+    fn cache_lookups() {
+        let c = Cache {
+            raw: Value::Null,
+            entries: vec![
+                entry("local", "10.42.0.11/32", "10.42.0.11", None),
+                entry("nhs", "10.42.0.1/32", "10.42.0.1", Some("198.51.100.1")),
+                entry(
+                    "shortcut",
+                    "10.102.0.0/24",
+                    "10.42.0.12",
+                    Some("198.51.100.12"),
+                ),
+                entry(
+                    "dynamic",
+                    "10.42.0.13/32",
+                    "10.42.0.13",
+                    Some("198.51.100.13"),
+                ),
+            ],
         };
-        u32::from(a) & mask == u32::from(self.prefix) & mask
+        let dst: Ipv4Addr = "10.102.0.2".parse().unwrap();
+        let sc = c.shortcut_for(dst).unwrap();
+        assert_eq!(sc.nbma_v4(), Some("198.51.100.12".parse().unwrap()));
+        assert!(c.shortcut_for("10.103.0.2".parse().unwrap()).is_none());
+        assert!(c.registration("10.42.0.13".parse().unwrap()).is_some());
+        assert!(c.registration("10.42.0.12".parse().unwrap()).is_none());
+        assert!(c.mentions("10.42.0.12".parse().unwrap()));
+        assert!(!c.mentions("10.42.0.14".parse().unwrap()));
+        assert!(
+            !c.mentions("10.42.0.11".parse().unwrap()),
+            "local entries do not count"
+        );
     }
 
-    pub fn is_registration(&self) -> bool {
-        self.kind.contains("dynamic") || self.kind.contains("registered")
-    }
-
-    pub fn is_shortcut(&self) -> bool {
-        self.kind.contains("shortcut")
-            || self.kind.contains("resolved")
-            || self.kind.contains("dynamic")
-    }
-}
-
-fn entries(v: &Value) -> Vec<Value> {
-    match v {
-        Value::Array(a) => a.clone(),
-        Value::Object(o) => o
-            .values()
-            .find_map(|x| x.as_array().cloned())
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    }
-}
-
-fn str_field(v: &Value, names: &[&str]) -> Option<String> {
-    names
-        .iter()
-        .find_map(|n| v.get(*n).and_then(Value::as_str).map(str::to_string))
-}
-
-fn find_u64(v: &Value, name: &str) -> Option<u64> {
-    match v {
-        Value::Object(o) => o
-            .get(name)
-            .and_then(Value::as_u64)
-            .or_else(|| o.values().find_map(|x| find_u64(x, name))),
-        Value::Array(a) => a.iter().find_map(|x| find_u64(x, name)),
-        _ => None,
+    #[test]
+    fn reply_shapes_parse() {
+        let v = serde_json::json!({"interface":"dmvpn0","entries":[{"type":"dynamic","prefix":"10.101.0.0/24",
+            "protocol":"10.42.0.11","nbma":"198.51.100.11","expires_in_secs":29,"used":false,"unique":false,"new":1}]});
+        let r: CacheReply = serde_json::from_value(v).unwrap();
+        assert!(r.entries[0].covers("10.101.0.9".parse().unwrap()));
+        let v = serde_json::json!({"interface":"dmvpn0","nhs":[{"tunnel_address":"10.42.0.1","nbma_address":"198.51.100.1",
+            "priority":0,"state":"up","registered":true,"preferred":true,"requests_sent":1,"replies_received":1,
+            "next_attempt_in_secs":10,"nat_address":null}]});
+        let r: NhsReply = serde_json::from_value(v).unwrap();
+        assert!(r.nhs[0].registered);
+        let c = serde_json::json!({"nhrp":{"messages":{"traffic_indication":{"rx":0,"tx":3}}},"dataplane":{"hub_forwarded_packets":7}});
+        assert_eq!(counter(&c, "/nhrp/messages/traffic_indication/tx"), 3);
+        assert_eq!(counter(&c, "/dataplane/hub_forwarded_packets"), 7);
+        assert_eq!(counter(&c, "/dataplane/drops/wrong_key"), 0);
     }
 }

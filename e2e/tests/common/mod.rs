@@ -67,3 +67,23 @@ pub fn start(spec: LabSpec) -> Lab {
     }
     lab
 }
+
+/// Poll `f` every 50 ms until it is true or `timeout` passes; returns whether it became true.
+pub fn wait_until(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Fail with the agent logs attached.
+pub fn fail(lab: &Lab, msg: &str) -> ! {
+    eprintln!("{}", lab.logs(50));
+    panic!("{msg}");
+}

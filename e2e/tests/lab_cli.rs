@@ -1,0 +1,94 @@
+//! The `dmvpn-lab` binary: errors a user meets, and a full `check` run with a capture that
+//! leaves nothing behind.
+
+mod common;
+
+use std::process::Command;
+
+fn lab_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dmvpn-lab"))
+}
+
+fn last_json(stdout: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {text}"))
+}
+
+#[test]
+fn missing_agent_says_how_to_build_it() {
+    if !common::root_or_skip("missing_agent_says_how_to_build_it") {
+        return;
+    }
+    let out = lab_bin()
+        .args(["check", "--agent", "/nonexistent/dmvpn-agent"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cargo build --release -p dmvpn-agent -p dmvpn-e2e"),
+        "{err}"
+    );
+    let j = last_json(&out.stdout);
+    assert_eq!(j["ok"], false);
+    assert_eq!(j["registered"], 0);
+}
+
+#[test]
+fn refuses_to_run_unprivileged() {
+    if !common::root_or_skip("refuses_to_run_unprivileged") {
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_dmvpn-lab"))
+        .args(["underlay"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must run as root"), "{err}");
+}
+
+#[test]
+fn check_with_capture_leaves_nothing_behind() {
+    if !common::root_or_skip("check_with_capture_leaves_nothing_behind") {
+        return;
+    }
+    let agent = common::agent();
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("lab.pcap");
+    let child = lab_bin()
+        .args(["check", "--phase", "3", "--spokes", "2", "--agent"])
+        .arg(&agent)
+        .arg("--pcap")
+        .arg(&pcap)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let j = last_json(&out.stdout);
+    assert_eq!(j["ok"], true, "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(j["phase"], 3);
+    assert_eq!(j["spokes"], 2);
+    assert_eq!(j["registered"], 2);
+    assert_eq!(j["hub_forwarded_after_shortcut"], 0);
+    assert!(j["shortcut_ms"].as_u64().is_some());
+    assert_eq!(j["purged"], true);
+    assert!(common::namespaces_with(&format!("dl{pid}x")).is_empty());
+    // The capture holds the NHRP exchange (GRE protocol 0x2001) and the tunnelled pings.
+    let r = Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(&pcap)
+        .arg("proto gre")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        text.lines().count() > 10,
+        "few GRE packets in the capture:\n{text}"
+    );
+}
