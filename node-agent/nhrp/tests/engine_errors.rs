@@ -17,7 +17,13 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-fn resolution_request(src: &str, src_nbma: &str, dst: &str, exts: Vec<Extension>, hop: u8) -> Packet {
+fn resolution_request(
+    src: &str,
+    src_nbma: &str,
+    dst: &str,
+    exts: Vec<Extension>,
+    hop: u8,
+) -> Packet {
     Packet {
         header: Header::ipv4(Op::ResolutionRequest, hop),
         body: Body::Mandatory(Mandatory {
@@ -27,7 +33,11 @@ fn resolution_request(src: &str, src_nbma: &str, dst: &str, exts: Vec<Extension>
             src_nbma_sub: vec![],
             src_proto: Some(ip(src)),
             dst_proto: Some(ip(dst)),
-            cies: vec![Cie { prefix_len: 32, holding_time: 600, ..Cie::default() }],
+            cies: vec![Cie {
+                prefix_len: 32,
+                holding_time: 600,
+                ..Cie::default()
+            }],
             payload: vec![],
         }),
         extensions: exts,
@@ -84,14 +94,25 @@ fn loop_detected_gives_error_3_and_no_error_for_error() {
     assert_eq!(errs.len(), 1, "exactly one Error Indication");
     let (_, to, e) = errs[0];
     assert_eq!(*to, ip("198.51.100.9"));
-    let Body::Error(ei) = &e.body else { panic!("not an error body") };
+    let Body::Error(ei) = &e.body else {
+        panic!("not an error body")
+    };
     assert_eq!(ei.code, error_code::LOOP_DETECTED);
     assert_eq!(ei.code, 3, "RFC 2332 value, not FRR's 2");
     assert_eq!(ei.src_proto, Some(ip("10.42.0.1")));
-    assert!(e.extensions.is_empty(), "no extensions on an Error Indication");
-    assert_eq!(Packet::decode(&ei.offending).map(|p| p.op()).ok(), Some(Op::ResolutionRequest));
+    assert!(
+        e.extensions.is_empty(),
+        "no extensions on an Error Indication"
+    );
+    assert_eq!(
+        Packet::decode(&ei.offending).map(|p| p.op()).ok(),
+        Some(Op::ResolutionRequest)
+    );
     assert_eq!(s.engine(hub).counters().dropped(DropReason::Loop), 1);
-    assert!(s.sent_ops(hub, Op::ResolutionRequest).is_empty(), "not forwarded");
+    assert!(
+        s.sent_ops(hub, Op::ResolutionRequest).is_empty(),
+        "not forwarded"
+    );
 
     // An Error Indication never triggers another one, whatever it says.
     s.clear_log(hub);
@@ -111,7 +132,11 @@ fn loop_detected_gives_error_3_and_no_error_for_error() {
     };
     s.inject(hub, ip("198.51.100.9"), &err.to_bytes().unwrap());
     assert!(s.nodes[hub].sent.is_empty(), "no error for an error");
-    assert!(s.events(hub).any(|e| *e == Event::ErrorIndication { from_nbma: ip("198.51.100.9"), code: 3 }));
+    assert!(s.events(hub).any(|e| *e
+        == Event::ErrorIndication {
+            from_nbma: ip("198.51.100.9"),
+            code: 3
+        }));
 
     // An Error Indication claiming to come from ourselves is dropped.
     let mut own = err.clone();
@@ -122,7 +147,13 @@ fn loop_detected_gives_error_3_and_no_error_for_error() {
     s.clear_log(hub);
     s.inject(hub, ip("198.51.100.9"), &own.to_bytes().unwrap());
     assert!(s.nodes[hub].sent.is_empty());
-    assert!(s.events(hub).any(|e| matches!(e, Event::Dropped { reason: DropReason::Unexpected, .. })));
+    assert!(s.events(hub).any(|e| matches!(
+        e,
+        Event::Dropped {
+            reason: DropReason::Unexpected,
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -134,8 +165,17 @@ fn one_error_per_packet_even_with_several_faults() {
         "203.0.113.2",
         "10.100.3.1",
         vec![
-            Extension::new(true, ExtensionBody::ForwardTransitNhs(vec![transit("10.42.0.1", "198.51.100.1")])),
-            Extension::new(true, ExtensionBody::Unknown { ty: 0x1234, data: vec![1, 2] }),
+            Extension::new(
+                true,
+                ExtensionBody::ForwardTransitNhs(vec![transit("10.42.0.1", "198.51.100.1")]),
+            ),
+            Extension::new(
+                true,
+                ExtensionBody::Unknown {
+                    ty: 0x1234,
+                    data: vec![1, 2],
+                },
+            ),
             Extension::end(),
         ],
         1,
@@ -148,11 +188,19 @@ fn one_error_per_packet_even_with_several_faults() {
 #[test]
 fn hop_count_exhausted_gives_error_15() {
     let (mut s, hub, _a, b) = topology();
-    let pkt = resolution_request("10.42.0.2", "203.0.113.2", "10.100.3.1", vec![Extension::end()], 1);
+    let pkt = resolution_request(
+        "10.42.0.2",
+        "203.0.113.2",
+        "10.100.3.1",
+        vec![Extension::end()],
+        1,
+    );
     s.inject(hub, ip("203.0.113.2"), &pkt.to_bytes().unwrap());
     let errs = s.sent_ops(hub, Op::ErrorIndication);
     assert_eq!(errs.len(), 1);
-    let Body::Error(ei) = &errs[0].2.body else { panic!() };
+    let Body::Error(ei) = &errs[0].2.body else {
+        panic!()
+    };
     assert_eq!(ei.code, error_code::HOP_COUNT_EXCEEDED);
     assert_eq!(errs[0].1, ip("203.0.113.2"), "to the registered requester");
     assert_eq!(s.engine(hub).counters().dropped(DropReason::HopCount), 1);
@@ -173,18 +221,30 @@ fn unknown_compulsory_extension_addressed_to_us_gives_error_1() {
             src_nbma_sub: vec![],
             src_proto: Some(ip("10.42.0.50")),
             dst_proto: Some(ip("10.42.0.1")),
-            cies: vec![Cie { prefix_len: 32, holding_time: 600, ..Cie::default() }],
+            cies: vec![Cie {
+                prefix_len: 32,
+                holding_time: 600,
+                ..Cie::default()
+            }],
             payload: vec![],
         }),
         extensions: vec![
-            Extension::new(true, ExtensionBody::Unknown { ty: 0x0042, data: vec![] }),
+            Extension::new(
+                true,
+                ExtensionBody::Unknown {
+                    ty: 0x0042,
+                    data: vec![],
+                },
+            ),
             Extension::end(),
         ],
     };
     s.inject(hub, ip("203.0.113.50"), &reg.to_bytes().unwrap());
     let errs = s.sent_ops(hub, Op::ErrorIndication);
     assert_eq!(errs.len(), 1);
-    let Body::Error(ei) = &errs[0].2.body else { panic!() };
+    let Body::Error(ei) = &errs[0].2.body else {
+        panic!()
+    };
     assert_eq!(ei.code, error_code::UNRECOGNIZED_EXTENSION);
     assert_eq!(s.engine(hub).registered_clients(), 2, "not registered");
 
@@ -202,13 +262,26 @@ fn unknown_compulsory_extension_addressed_to_us_gives_error_1() {
         "10.42.0.2",
         "203.0.113.2",
         "10.100.3.1",
-        vec![Extension::new(true, ExtensionBody::Unknown { ty: 0x0042, data: vec![] }), Extension::end()],
+        vec![
+            Extension::new(
+                true,
+                ExtensionBody::Unknown {
+                    ty: 0x0042,
+                    data: vec![],
+                },
+            ),
+            Extension::end(),
+        ],
         8,
     );
     s.inject(hub, ip("203.0.113.2"), &rq.to_bytes().unwrap());
     let (_, to, fwd) = s.sent_ops(hub, Op::ResolutionRequest)[0];
     assert_eq!(*to, ip("203.0.113.3"));
-    assert!(!fwd.extensions.iter().any(|e| matches!(&e.body, ExtensionBody::ForwardTransitNhs(c) if !c.is_empty())));
+    assert!(
+        !fwd.extensions
+            .iter()
+            .any(|e| matches!(&e.body, ExtensionBody::ForwardTransitNhs(c) if !c.is_empty()))
+    );
     // the owner, to whom it is addressed, answers with Error 1 instead of a reply
     s.run_for(secs(1));
     let b = 2;
@@ -232,16 +305,31 @@ fn authentication_mismatch_is_dropped_and_counted() {
     let b = s.add(bad);
     let n = s.add(none);
     s.run_for(secs(1));
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("203.0.113.2")));
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("203.0.113.2"))
+    );
     assert_eq!(s.engine(hub).lookup(ip("10.42.0.3")), None);
     assert_eq!(s.engine(hub).lookup(ip("10.42.0.4")), None);
     assert_eq!(s.engine(hub).counters().dropped(DropReason::BadAuth), 2);
     let drops: Vec<&Event> = s
         .events(hub)
-        .filter(|e| matches!(e, Event::Dropped { reason: DropReason::BadAuth, .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Dropped {
+                    reason: DropReason::BadAuth,
+                    ..
+                }
+            )
+        })
         .collect();
     assert_eq!(drops.len(), 2);
-    assert!(drops.iter().any(|e| matches!(e, Event::Dropped { from_nbma, .. } if *from_nbma == ip("203.0.113.3"))));
+    assert!(
+        drops.iter().any(
+            |e| matches!(e, Event::Dropped { from_nbma, .. } if *from_nbma == ip("203.0.113.3"))
+        )
+    );
     // no answer of any kind to an unauthenticated packet
     assert_eq!(s.sent_ops(hub, Op::RegistrationReply).len(), 1);
     assert!(s.sent_ops(hub, Op::ErrorIndication).is_empty());
@@ -254,7 +342,10 @@ fn authentication_mismatch_is_dropped_and_counted() {
         .collect();
     assert_eq!(auth.len(), 1);
     assert!(auth[0].compulsory);
-    assert_eq!(auth[0].body, ExtensionBody::Authentication(Authentication::CiscoCleartext(b"secret".to_vec())));
+    assert_eq!(
+        auth[0].body,
+        ExtensionBody::Authentication(Authentication::CiscoCleartext(b"secret".to_vec()))
+    );
     assert!(s.events(g).any(|e| matches!(e, Event::NhsUp { .. })));
     assert!(!s.events(b).any(|e| matches!(e, Event::NhsUp { .. })));
     let _ = n;
@@ -274,11 +365,26 @@ fn authenticated_redirect_and_forwarding_regenerate_auth() {
     let _b = s.add(c3);
     s.run_for(secs(1));
     let head = sim::ipv4_head("10.100.2.1", "10.100.3.1");
-    s.with(hub, |e, now| e.hairpinned(now, ip("10.100.2.1"), ip("10.100.3.1"), ip("203.0.113.2"), &head));
+    s.with(hub, |e, now| {
+        e.hairpinned(
+            now,
+            ip("10.100.2.1"),
+            ip("10.100.3.1"),
+            ip("203.0.113.2"),
+            &head,
+        )
+    });
     s.run_for(secs(1));
-    assert_eq!(s.dp(a).routes.get(&net("10.100.3.0/24")), Some(&ip("10.42.0.3")));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.100.3.0/24")),
+        Some(&ip("10.42.0.3"))
+    );
     let (_, _, fwd) = s.sent_ops(hub, Op::ResolutionRequest)[0];
-    let n = fwd.extensions.iter().filter(|e| matches!(e.body, ExtensionBody::Authentication(_))).count();
+    let n = fwd
+        .extensions
+        .iter()
+        .filter(|e| matches!(e.body, ExtensionBody::Authentication(_)))
+        .count();
     assert_eq!(n, 1, "one auth extension after forwarding");
     assert_eq!(s.engine(hub).counters().dropped(DropReason::BadAuth), 0);
 }
@@ -287,7 +393,7 @@ fn authenticated_redirect_and_forwarding_regenerate_auth() {
 fn config_errors_name_the_field() {
     let base = Config::new(Role::Spoke, ip("10.42.0.2"), 24, ip("203.0.113.2"));
     let now = Instant::now();
-    let err = |c: Config| Engine::new(c, now).err().expect("invalid").field;
+    let err = |c: Config| Engine::new(c, now).expect_err("invalid").field;
     assert_eq!(err(base.clone()), "nhs");
     let mut c = spoke_config(2, &[1]);
     c.holdtime = 0;
@@ -315,7 +421,13 @@ fn config_errors_name_the_field() {
 fn spoke_ignores_what_only_a_hub_handles() {
     let (mut s, _hub, a, _b) = topology();
     // a Resolution Request for someone else's address, sent straight to a spoke
-    let pkt = resolution_request("10.42.0.3", "203.0.113.3", "10.100.9.1", vec![Extension::end()], 8);
+    let pkt = resolution_request(
+        "10.42.0.3",
+        "203.0.113.3",
+        "10.100.9.1",
+        vec![Extension::end()],
+        8,
+    );
     s.inject(a, ip("203.0.113.3"), &pkt.to_bytes().unwrap());
     assert!(s.nodes[a].sent.is_empty());
     assert_eq!(s.engine(a).counters().dropped(DropReason::Unexpected), 1);

@@ -23,24 +23,46 @@ fn three_spokes_register() {
     for n in 2..=4u8 {
         let proto = ip(&format!("10.42.0.{n}"));
         let nbma = ip(&format!("203.0.113.{n}"));
-        assert_eq!(dp.peers.get(&proto), Some(&nbma), "hub neighbour for spoke {n}");
+        assert_eq!(
+            dp.peers.get(&proto),
+            Some(&nbma),
+            "hub neighbour for spoke {n}"
+        );
         assert_eq!(s.engine(hub).lookup(proto), Some(nbma));
-        assert_eq!(dp.routes.get(&net(&format!("10.42.0.{n}/32"))), Some(&proto));
-        assert_eq!(dp.routes.get(&net(&format!("10.100.{n}.0/24"))), Some(&proto));
+        assert_eq!(
+            dp.routes.get(&net(&format!("10.42.0.{n}/32"))),
+            Some(&proto)
+        );
+        assert_eq!(
+            dp.routes.get(&net(&format!("10.100.{n}.0/24"))),
+            Some(&proto)
+        );
     }
     assert_eq!(s.engine(hub).registered_clients(), 3);
     let snap = s.engine(hub).snapshot();
-    let dynamic = snap.cache.iter().filter(|e| e.kind == CacheType::Dynamic).count();
+    let dynamic = snap
+        .cache
+        .iter()
+        .filter(|e| e.kind == CacheType::Dynamic)
+        .count();
     assert_eq!(dynamic, 6, "tunnel /32 and LAN /24 of each spoke");
     assert_eq!(snap.counters.rx(Op::RegistrationRequest), 3);
     assert_eq!(snap.counters.tx(Op::RegistrationReply), 3);
 
     for &sp in &spokes {
         let evs: Vec<&Event> = s.events(sp).collect();
-        assert!(evs.contains(&&Event::PeerUp { proto: ip("10.42.0.1"), nbma: ip("198.51.100.1") }));
-        assert!(evs.contains(&&Event::NhsUp { proto: ip("10.42.0.1") }));
+        assert!(evs.contains(&&Event::PeerUp {
+            proto: ip("10.42.0.1"),
+            nbma: ip("198.51.100.1")
+        }));
+        assert!(evs.contains(&&Event::NhsUp {
+            proto: ip("10.42.0.1")
+        }));
         // default route for the tunnel network via the hub
-        assert_eq!(s.dp(sp).routes.get(&net("10.42.0.0/24")), Some(&ip("10.42.0.1")));
+        assert_eq!(
+            s.dp(sp).routes.get(&net("10.42.0.0/24")),
+            Some(&ip("10.42.0.1"))
+        );
         let nhs = &s.engine(sp).snapshot().nhs[0];
         assert_eq!(nhs.state, NhsState::Up);
         assert!(nhs.registered);
@@ -79,7 +101,11 @@ fn refresh_at_a_third_of_holdtime_and_expiry_when_refreshes_stop() {
         .iter()
         .map(|(t, _, _)| t.duration_since(s.nodes[hub].events[0].0))
         .collect();
-    assert_eq!(times.len(), 4, "registration at 0, 200, 400, 600 s: {times:?}");
+    assert_eq!(
+        times.len(),
+        4,
+        "registration at 0, 200, 400, 600 s: {times:?}"
+    );
     for (k, t) in times.iter().enumerate() {
         let expect = secs(200 * k as u64);
         assert!(t.abs_diff(expect) < secs(1), "refresh {k} at {t:?}");
@@ -101,14 +127,23 @@ fn refresh_at_a_third_of_holdtime_and_expiry_when_refreshes_stop() {
     s.run_for(secs(20));
     assert_eq!(s.engine(hub).registered_clients(), 0);
     let evs: Vec<&Event> = s.events(hub).collect();
-    assert!(evs.contains(&&Event::PeerDown { proto: ip("10.42.0.2") }));
-    assert!(evs.contains(&&Event::RouteDel { prefix: net("10.42.0.2/32") }));
-    assert!(evs.contains(&&Event::RouteDel { prefix: net("10.100.2.0/24") }));
+    assert!(evs.contains(&&Event::PeerDown {
+        proto: ip("10.42.0.2")
+    }));
+    assert!(evs.contains(&&Event::RouteDel {
+        prefix: net("10.42.0.2/32")
+    }));
+    assert!(evs.contains(&&Event::RouteDel {
+        prefix: net("10.100.2.0/24")
+    }));
     assert!(s.dp(hub).peers.is_empty());
     assert!(s.dp(hub).routes.is_empty());
 
     // Meanwhile the spoke declared the NHS down after 3 timeouts and keeps probing.
-    assert!(s.events(sp).any(|e| *e == Event::NhsDown { proto: ip("10.42.0.1") }));
+    assert!(s.events(sp).any(|e| *e
+        == Event::NhsDown {
+            proto: ip("10.42.0.1")
+        }));
     let nhs = &s.engine(sp).snapshot().nhs[0];
     assert_eq!(nhs.state, NhsState::Down);
     assert!(nhs.failures >= 3);
@@ -117,7 +152,10 @@ fn refresh_at_a_third_of_holdtime_and_expiry_when_refreshes_stop() {
     s.partition(sp, false);
     s.clear_log(sp);
     s.run_for(secs(70));
-    assert!(s.events(sp).any(|e| *e == Event::NhsUp { proto: ip("10.42.0.1") }));
+    assert!(s.events(sp).any(|e| *e
+        == Event::NhsUp {
+            proto: ip("10.42.0.1")
+        }));
     assert_eq!(s.engine(hub).registered_clients(), 1);
 }
 
@@ -134,7 +172,10 @@ fn retries_back_off_and_reuse_the_request_id() {
         .collect();
     assert_eq!(&gaps[..8], &[1, 2, 4, 8, 16, 32, 64, 64], "{gaps:?}");
     let id = sent[0].2.mandatory().unwrap().request_id;
-    assert!(sent.iter().all(|(_, _, p)| p.mandatory().unwrap().request_id == id));
+    assert!(
+        sent.iter()
+            .all(|(_, _, p)| p.mandatory().unwrap().request_id == id)
+    );
     // NhsDown exactly once, after the third timeout (t0 + 1 + 2 + 4 s)
     let downs: Vec<_> = s.nodes[sp]
         .events
@@ -153,18 +194,35 @@ fn unique_registration_conflict_gets_code_14() {
     c.registration_unique = true;
     let sp = s.add(c.clone());
     s.run_for(secs(1));
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("203.0.113.2")));
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("203.0.113.2"))
+    );
     let req = &s.sent_ops(sp, Op::RegistrationRequest)[0].2;
-    assert_ne!(req.mandatory().unwrap().flags & flags::REG_U, 0, "U bit set");
+    assert_ne!(
+        req.mandatory().unwrap().flags & flags::REG_U,
+        0,
+        "U bit set"
+    );
     assert_eq!(req.mandatory().unwrap().cies[0].prefix_len, 0xFF);
 
     // Another node claims the same tunnel address from another NBMA address.
     c.nbma_address = ip("203.0.113.99");
     let dup = s.add(c);
     s.run_for(secs(1));
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("203.0.113.2")), "binding kept");
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("203.0.113.2")),
+        "binding kept"
+    );
     let (_, _, rep) = s.received_ops(dup, Op::RegistrationReply)[0];
-    let codes: Vec<u8> = rep.mandatory().unwrap().cies.iter().map(|c| c.code).collect();
+    let codes: Vec<u8> = rep
+        .mandatory()
+        .unwrap()
+        .cies
+        .iter()
+        .map(|c| c.code)
+        .collect();
     assert_eq!(codes, vec![cie_code::UNIQUE_ALREADY_REGISTERED; 2]);
     assert!(s.events(dup).any(|e| matches!(
         e,
@@ -180,7 +238,10 @@ fn unique_registration_conflict_gets_code_14() {
     s.run_for(secs(8));
     let n = s.sent_ops(dup, Op::RegistrationRequest).len();
     assert!((2..=4).contains(&n), "{n} retries in 8 s");
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("203.0.113.2")));
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("203.0.113.2"))
+    );
 }
 
 #[test]
@@ -194,9 +255,15 @@ fn no_unique_registration_from_a_new_nbma_replaces_the_binding() {
     c.nbma_address = ip("203.0.113.99");
     let dup = s.add(c);
     s.run_for(secs(1));
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("203.0.113.99")));
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("203.0.113.99"))
+    );
     assert!(s.events(hub).any(|e| *e
-        == Event::PeerUp { proto: ip("10.42.0.2"), nbma: ip("203.0.113.99") }));
+        == Event::PeerUp {
+            proto: ip("10.42.0.2"),
+            nbma: ip("203.0.113.99")
+        }));
     // routes unchanged: no RouteDel
     assert!(!s.events(hub).any(|e| matches!(e, Event::RouteDel { .. })));
     let (_, _, rep) = s.received_ops(dup, Op::RegistrationReply)[0];
@@ -211,16 +278,33 @@ fn nbma_change_purges_then_reregisters_even_when_unique() {
     c.registration_unique = true;
     let sp = s.add(c);
     s.run_for(secs(1));
-    let reg_id = s.sent_ops(sp, Op::RegistrationRequest)[0].2.mandatory().unwrap().request_id;
+    let reg_id = s.sent_ops(sp, Op::RegistrationRequest)[0]
+        .2
+        .mandatory()
+        .unwrap()
+        .request_id;
     s.clear_log(sp);
     s.change_nbma(sp, ip("203.0.113.77"));
     s.run_for(secs(1));
     let purge = &s.sent_ops(sp, Op::PurgeRequest)[0].2;
-    assert_eq!(purge.mandatory().unwrap().request_id, reg_id, "purge reuses the registration id");
-    assert_eq!(purge.mandatory().unwrap().cies[0].client_nbma, Some(ip("203.0.113.2")));
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("203.0.113.77")));
+    assert_eq!(
+        purge.mandatory().unwrap().request_id,
+        reg_id,
+        "purge reuses the registration id"
+    );
+    assert_eq!(
+        purge.mandatory().unwrap().cies[0].client_nbma,
+        Some(ip("203.0.113.2"))
+    );
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("203.0.113.77"))
+    );
     let rep = &s.received_ops(sp, Op::RegistrationReply)[0].2;
-    assert!(rep.mandatory().unwrap().cies.iter().all(|c| c.code == 0), "no code 14");
+    assert!(
+        rep.mandatory().unwrap().cies.iter().all(|c| c.code == 0),
+        "no code 14"
+    );
     assert_eq!(s.engine(sp).snapshot().counters.registrations_rejected, 0);
 }
 
@@ -242,9 +326,15 @@ fn late_purge_does_not_remove_the_newer_registration() {
         .to_bytes()
         .unwrap();
     s.run_for(secs(1));
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("203.0.113.77")));
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("203.0.113.77"))
+    );
     s.inject(hub, ip("203.0.113.77"), &purge);
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("203.0.113.77")));
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("203.0.113.77"))
+    );
 }
 
 #[test]
@@ -253,7 +343,10 @@ fn nat_observed_address_is_used_and_reported() {
     let hub = s.add(hub_config(1));
     let sp = s.add_behind_nat(spoke_config(2, &[1]), ip("198.51.100.200"));
     s.run_for(secs(1));
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.2")), Some(ip("198.51.100.200")));
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.2")),
+        Some(ip("198.51.100.200"))
+    );
     let rep = &s.received_ops(sp, Op::RegistrationReply)[0].2;
     let nat = rep
         .extensions
@@ -267,8 +360,14 @@ fn nat_observed_address_is_used_and_reported() {
     assert_eq!(nat[1].client_nbma, Some(ip("198.51.100.200")));
     assert_eq!(nat[1].client_proto, Some(ip("10.42.0.2")));
     assert!(s.events(sp).any(|e| *e
-        == Event::NatDetected { nhs: ip("10.42.0.1"), public_nbma: ip("198.51.100.200") }));
-    assert_eq!(s.engine(sp).snapshot().nhs[0].nat_nbma, Some(ip("198.51.100.200")));
+        == Event::NatDetected {
+            nhs: ip("10.42.0.1"),
+            public_nbma: ip("198.51.100.200")
+        }));
+    assert_eq!(
+        s.engine(sp).snapshot().nhs[0].nat_nbma,
+        Some(ip("198.51.100.200"))
+    );
     // Resolution Requests then carry our NAT-observed address.
     s.with(sp, |e, now| e.resolve(now, ip("10.100.9.1")));
     let rq = &s.sent_ops(sp, Op::ResolutionRequest)[0].2;
@@ -290,11 +389,18 @@ fn purge_on_shutdown_removes_the_spoke_at_the_hub() {
     s.run_for(secs(1));
     assert_eq!(s.engine(hub).registered_clients(), 0);
     let evs: Vec<&Event> = s.events(hub).collect();
-    assert!(evs.contains(&&Event::PeerDown { proto: ip("10.42.0.2") }));
-    assert!(evs.contains(&&Event::RouteDel { prefix: net("10.100.2.0/24") }));
+    assert!(evs.contains(&&Event::PeerDown {
+        proto: ip("10.42.0.2")
+    }));
+    assert!(evs.contains(&&Event::RouteDel {
+        prefix: net("10.100.2.0/24")
+    }));
     let purge = &s.received_ops(hub, Op::PurgeRequest)[0].2;
     assert_ne!(purge.mandatory().unwrap().flags & flags::PURGE_N, 0);
-    assert!(s.sent_ops(hub, Op::PurgeReply).is_empty(), "N bit: no reply");
+    assert!(
+        s.sent_ops(hub, Op::PurgeReply).is_empty(),
+        "N bit: no reply"
+    );
     // the spoke withdrew everything it installed and stopped
     assert!(s.dp(sp).peers.is_empty(), "{:?}", s.dp(sp).peers);
     assert!(s.dp(sp).routes.is_empty());

@@ -35,12 +35,13 @@ fn phase2_resolution_via_hub_reply_direct() {
     let (mut s, hub, a, b) = topology(Phase::Two);
     s.with(a, |e, now| e.resolve(now, ip("10.100.3.5")));
     // pending until the reply comes
-    assert!(s
-        .engine(a)
-        .snapshot()
-        .cache
-        .iter()
-        .any(|e| e.kind == CacheType::Incomplete && e.proto == ip("10.100.3.5")));
+    assert!(
+        s.engine(a)
+            .snapshot()
+            .cache
+            .iter()
+            .any(|e| e.kind == CacheType::Incomplete && e.proto == ip("10.100.3.5"))
+    );
     s.run_for(secs(1));
 
     // spoke a -> hub -> spoke b
@@ -61,15 +62,33 @@ fn phase2_resolution_via_hub_reply_direct() {
     assert!(s.sent_ops(hub, Op::ResolutionReply).is_empty());
 
     // both sides have the shortcut
-    assert_eq!(s.dp(a).routes.get(&net("10.100.3.0/24")), Some(&ip("10.42.0.3")));
-    assert_eq!(s.dp(a).peers.get(&ip("10.42.0.3")), Some(&ip("203.0.113.3")));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.100.3.0/24")),
+        Some(&ip("10.42.0.3"))
+    );
+    assert_eq!(
+        s.dp(a).peers.get(&ip("10.42.0.3")),
+        Some(&ip("203.0.113.3"))
+    );
     assert_eq!(s.engine(a).lookup(ip("10.42.0.3")), Some(ip("203.0.113.3")));
-    assert_eq!(s.dp(b).peers.get(&ip("10.42.0.2")), Some(&ip("203.0.113.2")));
-    assert_eq!(s.dp(b).routes.get(&net("10.42.0.2/32")), Some(&ip("10.42.0.2")));
+    assert_eq!(
+        s.dp(b).peers.get(&ip("10.42.0.2")),
+        Some(&ip("203.0.113.2"))
+    );
+    assert_eq!(
+        s.dp(b).routes.get(&net("10.42.0.2/32")),
+        Some(&ip("10.42.0.2"))
+    );
     assert!(s.events(a).any(|e| *e
-        == Event::RouteAdd { prefix: net("10.100.3.0/24"), next_hop: ip("10.42.0.3") }));
+        == Event::RouteAdd {
+            prefix: net("10.100.3.0/24"),
+            next_hop: ip("10.42.0.3")
+        }));
     assert!(s.events(b).any(|e| *e
-        == Event::PeerUp { proto: ip("10.42.0.2"), nbma: ip("203.0.113.2") }));
+        == Event::PeerUp {
+            proto: ip("10.42.0.2"),
+            nbma: ip("203.0.113.2")
+        }));
 
     // resolved: a second resolve() for the same /24 sends nothing
     s.clear_log(a);
@@ -85,7 +104,10 @@ fn resolution_of_a_spoke_tunnel_address_gives_a_host_route() {
     let (mut s, _hub, a, _b) = topology(Phase::Two);
     s.with(a, |e, now| e.resolve(now, ip("10.42.0.3")));
     s.run_for(secs(1));
-    assert_eq!(s.dp(a).routes.get(&net("10.42.0.3/32")), Some(&ip("10.42.0.3")));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.42.0.3/32")),
+        Some(&ip("10.42.0.3"))
+    );
 }
 
 #[test]
@@ -103,10 +125,11 @@ fn unknown_destination_gets_a_negative_entry() {
     let (_, _, rep) = s.sent_ops(hub, Op::ResolutionReply)[0];
     assert_eq!(rep.mandatory().unwrap().cies[0].code, cie_code::NO_BINDING);
     let snap = s.engine(a).snapshot();
-    assert!(snap
-        .cache
-        .iter()
-        .any(|e| e.kind == CacheType::Negative && e.prefix == net("10.200.0.1/32")));
+    assert!(
+        snap.cache
+            .iter()
+            .any(|e| e.kind == CacheType::Negative && e.prefix == net("10.200.0.1/32"))
+    );
     assert_eq!(snap.counters.resolutions_failed, 1);
     assert!(!s.dp(a).routes.contains_key(&net("10.200.0.1/32")));
     // suppressed while negative, retried after it expires (30 s)
@@ -123,11 +146,23 @@ fn phase3_redirect_rate_limited_then_shortcut_both_sides() {
     let (mut s, hub, a, b) = topology(Phase::Three);
     let head = ipv4_head("10.100.2.5", "10.100.3.5");
     s.with(hub, |e, now| {
-        e.hairpinned(now, ip("10.100.2.5"), ip("10.100.3.5"), ip("203.0.113.2"), &head)
+        e.hairpinned(
+            now,
+            ip("10.100.2.5"),
+            ip("10.100.3.5"),
+            ip("203.0.113.2"),
+            &head,
+        )
     });
     // a second hairpinned packet of the same flow inside the window: no second TI
     s.with(hub, |e, now| {
-        e.hairpinned(now, ip("10.100.2.5"), ip("10.100.3.5"), ip("203.0.113.2"), &head)
+        e.hairpinned(
+            now,
+            ip("10.100.2.5"),
+            ip("10.100.3.5"),
+            ip("203.0.113.2"),
+            &head,
+        )
     });
     assert_eq!(s.sent_ops(hub, Op::TrafficIndication).len(), 1);
     assert_eq!(s.engine(hub).counters().dropped(DropReason::RateLimited), 1);
@@ -135,35 +170,69 @@ fn phase3_redirect_rate_limited_then_shortcut_both_sides() {
     assert_eq!(*to, ip("203.0.113.2"));
     assert!(ti.header.hop_count >= 1);
     let m = ti.mandatory().unwrap();
-    assert_eq!(m.dst_proto, Some(ip("10.100.2.5")), "TI names the source of the packet");
+    assert_eq!(
+        m.dst_proto,
+        Some(ip("10.100.2.5")),
+        "TI names the source of the packet"
+    );
     assert_eq!(m.payload, head);
 
     s.run_for(secs(1));
     // a resolved the destination of the redirected packet
     let (_, _, rq) = s.sent_ops(a, Op::ResolutionRequest)[0];
     assert_eq!(rq.mandatory().unwrap().dst_proto, Some(ip("10.100.3.5")));
-    assert_eq!(s.dp(a).routes.get(&net("10.100.3.0/24")), Some(&ip("10.42.0.3")));
-    assert_eq!(s.dp(a).peers.get(&ip("10.42.0.3")), Some(&ip("203.0.113.3")));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.100.3.0/24")),
+        Some(&ip("10.42.0.3"))
+    );
+    assert_eq!(
+        s.dp(a).peers.get(&ip("10.42.0.3")),
+        Some(&ip("203.0.113.3"))
+    );
     assert!(s.events(a).any(|e| *e
-        == Event::PeerUp { proto: ip("10.42.0.3"), nbma: ip("203.0.113.3") }));
+        == Event::PeerUp {
+            proto: ip("10.42.0.3"),
+            nbma: ip("203.0.113.3")
+        }));
     assert!(s.events(b).any(|e| *e
-        == Event::PeerUp { proto: ip("10.42.0.2"), nbma: ip("203.0.113.2") }));
-    assert!(s.events(b).any(|e| matches!(e, Event::RouteAdd { next_hop, .. } if *next_hop == ip("10.42.0.2"))));
+        == Event::PeerUp {
+            proto: ip("10.42.0.2"),
+            nbma: ip("203.0.113.2")
+        }));
+    assert!(
+        s.events(b)
+            .any(|e| matches!(e, Event::RouteAdd { next_hop, .. } if *next_hop == ip("10.42.0.2")))
+    );
 
     // the reverse direction redirected too: b resolves a's LAN
     let head = ipv4_head("10.100.3.5", "10.100.2.5");
     s.with(hub, |e, now| {
-        e.hairpinned(now, ip("10.100.3.5"), ip("10.100.2.5"), ip("203.0.113.3"), &head)
+        e.hairpinned(
+            now,
+            ip("10.100.3.5"),
+            ip("10.100.2.5"),
+            ip("203.0.113.3"),
+            &head,
+        )
     });
     s.run_for(secs(1));
-    assert_eq!(s.dp(b).routes.get(&net("10.100.2.0/24")), Some(&ip("10.42.0.2")));
+    assert_eq!(
+        s.dp(b).routes.get(&net("10.100.2.0/24")),
+        Some(&ip("10.42.0.2"))
+    );
 
     // once the window has passed the same flow may be redirected again
     s.clear_log(hub);
     s.run_for(secs(10));
     let head = ipv4_head("10.100.2.5", "10.100.3.5");
     s.with(hub, |e, now| {
-        e.hairpinned(now, ip("10.100.2.5"), ip("10.100.3.5"), ip("203.0.113.2"), &head)
+        e.hairpinned(
+            now,
+            ip("10.100.2.5"),
+            ip("10.100.3.5"),
+            ip("203.0.113.2"),
+            &head,
+        )
     });
     assert_eq!(s.sent_ops(hub, Op::TrafficIndication).len(), 1);
     // but a already has the shortcut: it does not resolve again
@@ -196,10 +265,19 @@ fn shortcut_refreshed_while_used_and_expires_when_idle() {
     s.run_for(secs(1201));
     assert!(!s.dp(a).routes.contains_key(&net("10.100.3.0/24")));
     assert!(!s.dp(a).peers.contains_key(&ip("10.42.0.3")));
-    assert!(s.events(a).any(|e| *e == Event::RouteDel { prefix: net("10.100.3.0/24") }));
-    assert!(s.events(a).any(|e| *e == Event::PeerDown { proto: ip("10.42.0.3") }));
+    assert!(s.events(a).any(|e| *e
+        == Event::RouteDel {
+            prefix: net("10.100.3.0/24")
+        }));
+    assert!(s.events(a).any(|e| *e
+        == Event::PeerDown {
+            proto: ip("10.42.0.3")
+        }));
     assert!(s.dp(a).peers.contains_key(&ip("10.42.0.1")), "NHS stays");
-    assert!(!s.dp(b).peers.contains_key(&ip("10.42.0.2")), "reverse entry expired too");
+    assert!(
+        !s.dp(b).peers.contains_key(&ip("10.42.0.2")),
+        "reverse entry expired too"
+    );
 }
 
 #[test]
@@ -219,15 +297,31 @@ fn two_hubs_one_failing() {
     s.run_for(secs(10));
 
     let evs: Vec<&Event> = s.events(a).collect();
-    assert!(evs.contains(&&Event::NhsDown { proto: ip("10.42.0.1") }));
-    assert!(evs.contains(&&Event::NhsUp { proto: ip("10.42.0.250") }));
-    assert!(!evs.contains(&&Event::NhsDown { proto: ip("10.42.0.250") }));
+    assert!(evs.contains(&&Event::NhsDown {
+        proto: ip("10.42.0.1")
+    }));
+    assert!(evs.contains(&&Event::NhsUp {
+        proto: ip("10.42.0.250")
+    }));
+    assert!(!evs.contains(&&Event::NhsDown {
+        proto: ip("10.42.0.250")
+    }));
     let snap = s.engine(a).snapshot();
-    let st: Vec<(std::net::IpAddr, NhsState)> = snap.nhs.iter().map(|n| (n.proto, n.state)).collect();
-    assert_eq!(st, vec![(ip("10.42.0.1"), NhsState::Down), (ip("10.42.0.250"), NhsState::Up)]);
+    let st: Vec<(std::net::IpAddr, NhsState)> =
+        snap.nhs.iter().map(|n| (n.proto, n.state)).collect();
+    assert_eq!(
+        st,
+        vec![
+            (ip("10.42.0.1"), NhsState::Down),
+            (ip("10.42.0.250"), NhsState::Up)
+        ]
+    );
     assert_eq!(snap.nhs[0].consecutive_timeouts, 3);
     // traffic without a shortcut goes via the hub that is up
-    assert_eq!(s.dp(a).routes.get(&net("10.42.0.0/24")), Some(&ip("10.42.0.250")));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.42.0.0/24")),
+        Some(&ip("10.42.0.250"))
+    );
     assert_eq!(s.engine(h2).registered_clients(), 2);
 
     // resolution goes to the up hub and succeeds
@@ -236,14 +330,23 @@ fn two_hubs_one_failing() {
     let (_, to, _) = s.sent_ops(a, Op::ResolutionRequest)[0];
     assert_eq!(*to, ip("198.51.100.250"));
     s.run_for(secs(1));
-    assert_eq!(s.dp(a).routes.get(&net("10.100.3.0/24")), Some(&ip("10.42.0.3")));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.100.3.0/24")),
+        Some(&ip("10.42.0.3"))
+    );
     let _ = b;
 
     // hub 1 comes back: the spoke's probe finds it, it is preferred again
     s.partition(h1, false);
     s.run_for(secs(70));
-    assert!(s.events(a).any(|e| *e == Event::NhsUp { proto: ip("10.42.0.1") }));
-    assert_eq!(s.dp(a).routes.get(&net("10.42.0.0/24")), Some(&ip("10.42.0.1")));
+    assert!(s.events(a).any(|e| *e
+        == Event::NhsUp {
+            proto: ip("10.42.0.1")
+        }));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.42.0.0/24")),
+        Some(&ip("10.42.0.1"))
+    );
 }
 
 #[test]
@@ -264,7 +367,11 @@ fn resolution_retries_then_fails_over_to_another_hub() {
     s.clear_log(a);
     s.with(a, |e, now| e.resolve(now, ip("10.100.3.1")));
     s.run_for(secs(30));
-    let dsts: Vec<_> = s.sent_ops(a, Op::ResolutionRequest).iter().map(|(_, d, _)| *d).collect();
+    let dsts: Vec<_> = s
+        .sent_ops(a, Op::ResolutionRequest)
+        .iter()
+        .map(|(_, d, _)| *d)
+        .collect();
     assert_eq!(dsts[0], ip("198.51.100.1"));
     assert!(dsts.contains(&ip("198.51.100.250")), "{dsts:?}");
     let ids: Vec<u32> = s
@@ -272,8 +379,14 @@ fn resolution_retries_then_fails_over_to_another_hub() {
         .iter()
         .map(|(_, _, p)| p.mandatory().unwrap().request_id)
         .collect();
-    assert!(ids.iter().all(|i| *i == ids[0]), "retries reuse the request id");
-    assert_eq!(s.dp(a).routes.get(&net("10.100.3.0/24")), Some(&ip("10.42.0.3")));
+    assert!(
+        ids.iter().all(|i| *i == ids[0]),
+        "retries reuse the request id"
+    );
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.100.3.0/24")),
+        Some(&ip("10.42.0.3"))
+    );
 }
 
 #[test]
@@ -287,14 +400,23 @@ fn hub_answers_for_clients_when_configured() {
     s.run_for(secs(1));
     s.with(a, |e, now| e.resolve(now, ip("10.100.3.5")));
     s.run_for(secs(1));
-    assert!(s.sent_ops(hub, Op::ResolutionRequest).is_empty(), "not forwarded");
+    assert!(
+        s.sent_ops(hub, Op::ResolutionRequest).is_empty(),
+        "not forwarded"
+    );
     let (_, to, rep) = s.sent_ops(hub, Op::ResolutionReply)[0];
     assert_eq!(*to, ip("203.0.113.2"));
     let c = &rep.mandatory().unwrap().cies[0];
     assert_eq!(c.prefix_len, 24, "registered prefix length");
     assert_eq!(c.client_nbma, Some(ip("203.0.113.3")));
-    assert_eq!(s.dp(a).routes.get(&net("10.100.3.0/24")), Some(&ip("10.42.0.3")));
-    assert_eq!(s.dp(a).peers.get(&ip("10.42.0.3")), Some(&ip("203.0.113.3")));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.100.3.0/24")),
+        Some(&ip("10.42.0.3"))
+    );
+    assert_eq!(
+        s.dp(a).peers.get(&ip("10.42.0.3")),
+        Some(&ip("203.0.113.3"))
+    );
     let _ = b;
 }
 
@@ -303,11 +425,17 @@ fn hub_purges_requesters_when_a_client_moves() {
     let (mut s, hub, a, b) = topology(Phase::Two);
     s.with(a, |e, now| e.resolve(now, ip("10.100.3.5")));
     s.run_for(secs(1));
-    assert_eq!(s.dp(a).peers.get(&ip("10.42.0.3")), Some(&ip("203.0.113.3")));
+    assert_eq!(
+        s.dp(a).peers.get(&ip("10.42.0.3")),
+        Some(&ip("203.0.113.3"))
+    );
     // b's address changes: the hub tells a, which drops its stale shortcut
     s.change_nbma(b, ip("203.0.113.33"));
     s.run_for(secs(1));
-    assert_eq!(s.engine(hub).lookup(ip("10.42.0.3")), Some(ip("203.0.113.33")));
+    assert_eq!(
+        s.engine(hub).lookup(ip("10.42.0.3")),
+        Some(ip("203.0.113.33"))
+    );
     assert!(!s.received_ops(a, Op::PurgeRequest).is_empty());
     assert!(!s.dp(a).routes.contains_key(&net("10.100.3.0/24")));
     assert!(!s.dp(a).peers.contains_key(&ip("10.42.0.3")));
@@ -320,9 +448,16 @@ fn clear_cache_withdraws_shortcuts_only() {
     s.run_for(secs(1));
     s.clear_log(a);
     s.with(a, |e, now| e.clear_cache(now));
-    assert!(s.events(a).any(|e| *e == Event::RouteDel { prefix: net("10.100.3.0/24") }));
+    assert!(s.events(a).any(|e| *e
+        == Event::RouteDel {
+            prefix: net("10.100.3.0/24")
+        }));
     assert!(!s.dp(a).routes.contains_key(&net("10.100.3.0/24")));
     assert!(s.dp(a).peers.contains_key(&ip("10.42.0.1")));
     assert_eq!(s.engine(a).snapshot().nhs[0].state, NhsState::Up);
-    let _ = NhsConfig { tunnel_address: ip("10.42.0.1"), nbma_address: ip("198.51.100.1"), priority: 0 };
+    let _ = NhsConfig {
+        tunnel_address: ip("10.42.0.1"),
+        nbma_address: ip("198.51.100.1"),
+        priority: 0,
+    };
 }

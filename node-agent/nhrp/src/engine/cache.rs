@@ -246,20 +246,20 @@ impl<V> Default for PrefixMap<V> {
 impl<V> PrefixMap<V> {
     pub(crate) fn insert(&mut self, k: IpNet, v: V) -> Option<V> {
         let old = self.map.insert(k, v);
-        if old.is_none() {
-            if let Some(c) = self.lens.get_mut(usize::from(k.prefix_len())) {
-                *c += 1;
-            }
+        if old.is_none()
+            && let Some(c) = self.lens.get_mut(usize::from(k.prefix_len()))
+        {
+            *c += 1;
         }
         old
     }
 
     pub(crate) fn remove(&mut self, k: &IpNet) -> Option<V> {
         let old = self.map.remove(k);
-        if old.is_some() {
-            if let Some(c) = self.lens.get_mut(usize::from(k.prefix_len())) {
-                *c = c.saturating_sub(1);
-            }
+        if old.is_some()
+            && let Some(c) = self.lens.get_mut(usize::from(k.prefix_len()))
+        {
+            *c = c.saturating_sub(1);
         }
         old
     }

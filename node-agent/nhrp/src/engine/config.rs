@@ -188,16 +188,16 @@ impl Config {
                 format!("{} s is outside 1..=65000", self.holdtime),
             ));
         }
-        if let Some(pw) = &self.auth {
-            if pw.is_empty() || pw.len() > 8 {
-                return Err(ConfigError::new(
-                    "nhrp_auth",
-                    format!(
-                        "{} bytes; the Cisco cleartext password is 1 to 8 bytes",
-                        pw.len()
-                    ),
-                ));
-            }
+        if let Some(pw) = &self.auth
+            && (pw.is_empty() || pw.len() > 8)
+        {
+            return Err(ConfigError::new(
+                "nhrp_auth",
+                format!(
+                    "{} bytes; the Cisco cleartext password is 1 to 8 bytes",
+                    pw.len()
+                ),
+            ));
         }
         if self.hop_count == 0 {
             return Err(ConfigError::new("hop_count", "must be at least 1".into()));
@@ -242,13 +242,19 @@ impl Config {
             if n.tunnel_address.is_ipv4() != self.tunnel_address.is_ipv4() {
                 return Err(ConfigError::new(
                     "nhs.tunnel_address",
-                    format!("NHS #{i} {} is not of the tunnel address family", n.tunnel_address),
+                    format!(
+                        "NHS #{i} {} is not of the tunnel address family",
+                        n.tunnel_address
+                    ),
                 ));
             }
             if !net.contains(&n.tunnel_address) {
                 return Err(ConfigError::new(
                     "nhs.tunnel_address",
-                    format!("NHS #{i} {} is outside the tunnel network {net}", n.tunnel_address),
+                    format!(
+                        "NHS #{i} {} is outside the tunnel network {net}",
+                        n.tunnel_address
+                    ),
                 ));
             }
             if n.tunnel_address == self.tunnel_address {
@@ -260,7 +266,10 @@ impl Config {
             if n.nbma_address.is_ipv4() != self.nbma_address.is_ipv4() {
                 return Err(ConfigError::new(
                     "nhs.nbma_address",
-                    format!("NHS #{i} {} is not of the NBMA address family", n.nbma_address),
+                    format!(
+                        "NHS #{i} {} is not of the NBMA address family",
+                        n.nbma_address
+                    ),
                 ));
             }
             if self.nhs[..i]

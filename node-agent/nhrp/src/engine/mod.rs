@@ -42,7 +42,7 @@ pub use config::{Config, ConfigError, NhsConfig, Phase, RedirectLimit, Role};
 pub use nhc::{NhsInfo, NhsState};
 pub use stats::{Counters, DropReason, RxTx};
 
-use cache::{Binding, Negative, Pending, Peers, PrefixMap, Shortcut, TimerKey, Timers, host};
+use cache::{Binding, Negative, Peers, Pending, PrefixMap, Shortcut, TimerKey, Timers, host};
 use nhc::NhsEntry;
 use ratelimit::RedirectLimiter;
 use stats::Stats;
@@ -59,17 +59,31 @@ pub struct Transmit {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// Add or update a neighbour: overlay `proto` is reached at underlay `nbma`.
-    PeerUp { proto: IpAddr, nbma: IpAddr },
+    PeerUp {
+        proto: IpAddr,
+        nbma: IpAddr,
+    },
     /// Remove the neighbour `proto`.
-    PeerDown { proto: IpAddr },
+    PeerDown {
+        proto: IpAddr,
+    },
     /// Add or replace the route `prefix` via overlay next hop `next_hop` (which has a
     /// neighbour entry from a PeerUp).
-    RouteAdd { prefix: IpNet, next_hop: IpAddr },
-    RouteDel { prefix: IpNet },
+    RouteAdd {
+        prefix: IpNet,
+        next_hop: IpAddr,
+    },
+    RouteDel {
+        prefix: IpNet,
+    },
     /// The NHS answered a registration after being down or not yet heard from.
-    NhsUp { proto: IpAddr },
+    NhsUp {
+        proto: IpAddr,
+    },
     /// The NHS missed 3 registration attempts in a row (it is still probed).
-    NhsDown { proto: IpAddr },
+    NhsDown {
+        proto: IpAddr,
+    },
     /// A received packet was dropped (all drops are also counted). `detail` says why in words;
     /// the shell should log the first occurrence per reason.
     Dropped {
@@ -80,13 +94,23 @@ pub enum Event {
     /// The NHS refused (part of) our registration; `code` is the CIE code (14: the address is
     /// registered uniquely from another NBMA address: wait for it to expire, purge it, or use
     /// `registration_unique = false`). The engine retries with backoff.
-    RegistrationRejected { nhs: IpAddr, prefix: IpNet, code: u8 },
+    RegistrationRejected {
+        nhs: IpAddr,
+        prefix: IpNet,
+        code: u8,
+    },
     /// The NHS saw our registration come from `public_nbma`, not from our configured NBMA
     /// address: we are behind NAT.
-    NatDetected { nhs: IpAddr, public_nbma: IpAddr },
+    NatDetected {
+        nhs: IpAddr,
+        public_nbma: IpAddr,
+    },
     /// An Error Indication arrived (`code`: RFC 2332 §5.2.7, e.g. 3 loop detected, 6
     /// unreachable, 11 authentication failure, 15 hop count exceeded).
-    ErrorIndication { from_nbma: IpAddr, code: u16 },
+    ErrorIndication {
+        from_nbma: IpAddr,
+        code: u16,
+    },
 }
 
 /// State of the engine for `show` commands.
@@ -268,7 +292,8 @@ impl Engine {
         }
         for net in self.negative.keys() {
             if let Some(mut n) = self.negative.remove(&net) {
-                self.timers.set(&mut n.deadline, TimerKey::Negative(net), None);
+                self.timers
+                    .set(&mut n.deadline, TimerKey::Negative(net), None);
             }
         }
         self.limiter.clear();
@@ -298,7 +323,12 @@ impl Engine {
                 self.events.push_back(Event::RouteDel { prefix: r });
             }
         }
-        for n in self.nhs.iter().map(|n| n.cfg.tunnel_address).collect::<Vec<_>>() {
+        for n in self
+            .nhs
+            .iter()
+            .map(|n| n.cfg.tunnel_address)
+            .collect::<Vec<_>>()
+        {
             self.peers.remove(n, cache::peer_ref::NHS, &mut self.events);
         }
         self.pending.clear();
@@ -475,7 +505,12 @@ impl Engine {
     fn family_ok(&self, pkt: &Packet, from_nbma: IpAddr) -> bool {
         let nbma_v4 = self.cfg.nbma_address.is_ipv4();
         let proto_v4 = self.cfg.tunnel_address.is_ipv4();
-        let afn_ok = pkt.header.afn == if nbma_v4 { crate::wire::AFN_IPV4 } else { crate::wire::AFN_IPV6 };
+        let afn_ok = pkt.header.afn
+            == if nbma_v4 {
+                crate::wire::AFN_IPV4
+            } else {
+                crate::wire::AFN_IPV6
+            };
         let pro_ok = pkt.header.pro_type
             == if proto_v4 {
                 crate::wire::PROTO_IPV4

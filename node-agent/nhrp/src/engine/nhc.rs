@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::cache::{Negative, Origin, Pending, Shortcut, TimerKey, host, host_len, peer_ref, prefix};
+use super::cache::{
+    Negative, Origin, Pending, Shortcut, TimerKey, host, host_len, peer_ref, prefix,
+};
 use super::config::{MIN_PREFIX_LEN_V4, MIN_PREFIX_LEN_V6, NhsConfig, Phase};
 use super::{
-    Cie, DropReason, Engine, Event, Extension, ExtensionBody, HOP_COUNT_ONE_HOP, MAX_PENDING,
-    Op, Packet, mandatory, nat_nbma_for, secs, unknown_compulsory,
+    Cie, DropReason, Engine, Event, Extension, ExtensionBody, HOP_COUNT_ONE_HOP, MAX_PENDING, Op,
+    Packet, mandatory, nat_nbma_for, secs, unknown_compulsory,
 };
 use crate::wire::{cie_code, error_code, flags};
 
@@ -137,7 +139,11 @@ impl Engine {
         let hl = self.host_len();
         let mut cies = Vec::with_capacity(1 + self.cfg.local_prefixes.len());
         cies.push(Cie {
-            prefix_len: if self.cfg.registration_unique { 0xFF } else { hl },
+            prefix_len: if self.cfg.registration_unique {
+                0xFF
+            } else {
+                hl
+            },
             mtu: self.cfg.mtu,
             holding_time: self.cfg.holdtime,
             client_nbma,
@@ -251,7 +257,11 @@ impl Engine {
         let Some(i) = self.nhs.iter().position(|n| {
             n.awaiting && n.request_id == m.request_id && Some(n.cfg.tunnel_address) == m.dst_proto
         }) else {
-            self.drop_packet(DropReason::Unexpected, from, "Registration Reply for no outstanding request");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Registration Reply for no outstanding request",
+            );
             return;
         };
         if unknown_compulsory(pkt) {
@@ -265,10 +275,18 @@ impl Engine {
         let mut rejected = None;
         for c in &m.cies {
             if c.code != cie_code::SUCCESS {
-                let len = if c.prefix_len == 0xFF || c.prefix_len == 0 { hl } else { c.prefix_len };
+                let len = if c.prefix_len == 0xFF || c.prefix_len == 0 {
+                    hl
+                } else {
+                    c.prefix_len
+                };
                 let net = prefix(c.client_proto.unwrap_or(me), len).unwrap_or(host(me));
                 self.stats.registrations_rejected += 1;
-                self.events.push_back(Event::RegistrationRejected { nhs: nhs_proto, prefix: net, code: c.code });
+                self.events.push_back(Event::RegistrationRejected {
+                    nhs: nhs_proto,
+                    prefix: net,
+                    code: c.code,
+                });
                 rejected = Some(c.code);
             }
         }
@@ -284,7 +302,10 @@ impl Engine {
         if nat != n.nat_nbma {
             n.nat_nbma = nat;
             if let Some(p) = nat {
-                nat_event = Some(Event::NatDetected { nhs: nhs_proto, public_nbma: p });
+                nat_event = Some(Event::NatDetected {
+                    nhs: nhs_proto,
+                    public_nbma: p,
+                });
             }
         }
         let next = if rejected.is_some() {
@@ -310,7 +331,13 @@ impl Engine {
     /// An Error Indication about our Registration Request `rid`: retry with backoff.
     pub(super) fn registration_error(&mut self, rid: u32) {
         let now = self.now;
-        let Some(i) = self.nhs.iter().position(|n| n.awaiting && n.request_id == rid) else { return };
+        let Some(i) = self
+            .nhs
+            .iter()
+            .position(|n| n.awaiting && n.request_id == rid)
+        else {
+            return;
+        };
         let n = &mut self.nhs[i];
         n.awaiting = false;
         n.registered = false;
@@ -354,10 +381,15 @@ impl Engine {
             return;
         }
         self.nhs_route = best;
-        let Some(n) = best.and_then(|i| self.nhs.get(i)) else { return };
+        let Some(n) = best.and_then(|i| self.nhs.get(i)) else {
+            return;
+        };
         let next_hop = n.cfg.tunnel_address;
         for r in &self.cfg.routes_via_nhs {
-            self.events.push_back(Event::RouteAdd { prefix: *r, next_hop });
+            self.events.push_back(Event::RouteAdd {
+                prefix: *r,
+                next_hop,
+            });
         }
     }
 
@@ -380,15 +412,16 @@ impl Engine {
         {
             return;
         }
-        if let Some((_, s)) = self.shortcuts.lookup(dst) {
-            if s.expires > now {
-                return;
-            }
-        }
-        if let Some((_, n)) = self.negative.lookup(dst) {
-            if n.expires > now {
-                return;
-            }
+        if self
+            .shortcuts
+            .lookup(dst)
+            .is_some_and(|(_, s)| s.expires > now)
+            || self
+                .negative
+                .lookup(dst)
+                .is_some_and(|(_, n)| n.expires > now)
+        {
+            return;
         }
         if self.pending.len() >= MAX_PENDING {
             return;
@@ -402,14 +435,29 @@ impl Engine {
         }
         let id = self.next_id();
         let via = self.send_resolution_request(dst, id, None);
-        let mut p = Pending { request_id: id, tries: 1, via, refresh_of, deadline: None };
-        self.timers.set(&mut p.deadline, TimerKey::Pending(dst), Some(now + RETRY_FIRST));
+        let mut p = Pending {
+            request_id: id,
+            tries: 1,
+            via,
+            refresh_of,
+            deadline: None,
+        };
+        self.timers.set(
+            &mut p.deadline,
+            TimerKey::Pending(dst),
+            Some(now + RETRY_FIRST),
+        );
         self.pending.insert(dst, p);
     }
 
     /// Sends a Resolution Request for `dst` to the preferred NHS (avoiding `avoid` when
     /// another NHS is not down); returns its index.
-    fn send_resolution_request(&mut self, dst: IpAddr, id: u32, avoid: Option<usize>) -> Option<usize> {
+    fn send_resolution_request(
+        &mut self,
+        dst: IpAddr,
+        id: u32,
+        avoid: Option<usize>,
+    ) -> Option<usize> {
         let i = self.best_nhs_avoiding(avoid)?;
         let to = self.nhs.get(i)?.cfg.nbma_address;
         let hl = self.host_len();
@@ -455,7 +503,9 @@ impl Engine {
     }
 
     pub(super) fn pending_timer(&mut self, now: Instant, dst: IpAddr) {
-        let Some(p) = self.pending.get_mut(&dst) else { return };
+        let Some(p) = self.pending.get_mut(&dst) else {
+            return;
+        };
         p.deadline = None;
         if p.tries >= RESOLUTION_TRIES {
             self.fail_pending(dst);
@@ -467,21 +517,27 @@ impl Engine {
         let last = p.via;
         // The NHS that did not answer may be dead: probe it now with a registration rather
         // than at the next refresh, so that it is declared down within seconds.
-        if let Some(i) = last {
-            if self.nhs.get(i).is_some_and(|n| !n.awaiting) {
-                self.start_registration(now, i);
-            }
+        if let Some(i) = last
+            && self.nhs.get(i).is_some_and(|n| !n.awaiting)
+        {
+            self.start_registration(now, i);
         }
         // Same request id; another NHS if there is one that is not down.
         let via = self.send_resolution_request(dst, id, last);
         if let Some(p) = self.pending.get_mut(&dst) {
             p.via = via;
-            self.timers.set(&mut p.deadline, TimerKey::Pending(dst), Some(now + wait));
+            self.timers
+                .set(&mut p.deadline, TimerKey::Pending(dst), Some(now + wait));
         }
     }
 
     pub(super) fn fail_pending_by_id(&mut self, rid: u32) {
-        if let Some(dst) = self.pending.iter().find(|(_, p)| p.request_id == rid).map(|(d, _)| *d) {
+        if let Some(dst) = self
+            .pending
+            .iter()
+            .find(|(_, p)| p.request_id == rid)
+            .map(|(d, _)| *d)
+        {
             self.fail_pending(dst);
         }
     }
@@ -489,8 +545,11 @@ impl Engine {
     /// Gives up a resolution: a negative entry suppresses new attempts for a while; a
     /// shortcut being refreshed is left to expire.
     fn fail_pending(&mut self, dst: IpAddr) {
-        let Some(mut p) = self.pending.remove(&dst) else { return };
-        self.timers.set(&mut p.deadline, TimerKey::Pending(dst), None);
+        let Some(mut p) = self.pending.remove(&dst) else {
+            return;
+        };
+        self.timers
+            .set(&mut p.deadline, TimerKey::Pending(dst), None);
         self.stats.resolutions_failed += 1;
         if p.refresh_of.is_none() {
             let hold = self.cfg.negative_holdtime;
@@ -500,9 +559,13 @@ impl Engine {
 
     fn add_negative(&mut self, net: IpNet, hold: Duration) {
         let expires = self.now + hold;
-        let mut n = self.negative.remove(&net).unwrap_or(Negative { expires, deadline: None });
+        let mut n = self.negative.remove(&net).unwrap_or(Negative {
+            expires,
+            deadline: None,
+        });
         n.expires = expires;
-        self.timers.set(&mut n.deadline, TimerKey::Negative(net), Some(expires));
+        self.timers
+            .set(&mut n.deadline, TimerKey::Negative(net), Some(expires));
         self.negative.insert(net, n);
     }
 
@@ -514,9 +577,16 @@ impl Engine {
             return;
         }
         let Some(dst) = m.dst_proto else { return };
-        let matches = self.pending.get(&dst).is_some_and(|p| p.request_id == m.request_id);
+        let matches = self
+            .pending
+            .get(&dst)
+            .is_some_and(|p| p.request_id == m.request_id);
         if !matches {
-            self.drop_packet(DropReason::Unexpected, from, "Resolution Reply for no pending request");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Resolution Reply for no pending request",
+            );
             return;
         }
         if unknown_compulsory(&pkt) {
@@ -530,7 +600,8 @@ impl Engine {
         if cie.code != cie_code::SUCCESS {
             let refresh = self.pending.get(&dst).and_then(|p| p.refresh_of);
             if let Some(mut p) = self.pending.remove(&dst) {
-                self.timers.set(&mut p.deadline, TimerKey::Pending(dst), None);
+                self.timers
+                    .set(&mut p.deadline, TimerKey::Pending(dst), None);
             }
             self.stats.resolutions_failed += 1;
             if refresh.is_none() {
@@ -547,11 +618,16 @@ impl Engine {
             ExtensionBody::ResponderAddress(Some(c)) => Some(c.clone()),
             _ => None,
         });
-        let Some(next_hop) = cie.client_proto.or(responder.as_ref().and_then(|r| r.client_proto)) else {
+        let Some(next_hop) = cie
+            .client_proto
+            .or(responder.as_ref().and_then(|r| r.client_proto))
+        else {
             self.fail_pending(dst);
             return;
         };
-        let claimed = cie.client_nbma.or(responder.as_ref().and_then(|r| r.client_nbma));
+        let claimed = cie
+            .client_nbma
+            .or(responder.as_ref().and_then(|r| r.client_nbma));
         // NAT extension first, then the observed sender when it is not an NHS relaying the
         // answer, then the claimed address.
         let nbma = nat_nbma_for(&pkt, next_hop)
@@ -564,12 +640,20 @@ impl Engine {
             && next_hop != self.cfg.tunnel_address
             && nbma.is_some_and(|n| n.is_ipv4() == self.cfg.nbma_address.is_ipv4());
         let Some(nbma) = nbma.filter(|_| valid) else {
-            self.drop_packet(DropReason::Unexpected, from, "Resolution Reply with an unusable next hop");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Resolution Reply with an unusable next hop",
+            );
             self.fail_pending(dst);
             return;
         };
         let hl = host_len(dst);
-        let min = if dst.is_ipv4() { MIN_PREFIX_LEN_V4 } else { MIN_PREFIX_LEN_V6 };
+        let min = if dst.is_ipv4() {
+            MIN_PREFIX_LEN_V4
+        } else {
+            MIN_PREFIX_LEN_V6
+        };
         // A prefix broader than /8 (or a malformed length) is narrowed to the host: never a
         // default-ish route from a reply.
         let len = if cie.prefix_len == 0xFF || cie.prefix_len > hl || cie.prefix_len < min {
@@ -578,16 +662,22 @@ impl Engine {
             cie.prefix_len
         };
         let net = prefix(dst, len).unwrap_or(host(dst));
-        let ht = if cie.holding_time == 0 { self.cfg.holdtime } else { cie.holding_time };
+        let ht = if cie.holding_time == 0 {
+            self.cfg.holdtime
+        } else {
+            cie.holding_time
+        };
         if let Some(mut p) = self.pending.remove(&dst) {
-            self.timers.set(&mut p.deadline, TimerKey::Pending(dst), None);
+            self.timers
+                .set(&mut p.deadline, TimerKey::Pending(dst), None);
             // A refresh that comes back narrower or wider replaces the old prefix.
             if let Some(old) = p.refresh_of.filter(|o| *o != net) {
                 self.remove_shortcut(old);
             }
         }
         if let Some(mut n) = self.negative.remove(&host(dst)) {
-            self.timers.set(&mut n.deadline, TimerKey::Negative(host(dst)), None);
+            self.timers
+                .set(&mut n.deadline, TimerKey::Negative(host(dst)), None);
         }
         self.install_shortcut(net, next_hop, nbma, ht, Origin::Resolved, dst);
     }
@@ -609,10 +699,15 @@ impl Engine {
         let refresh_at = now + ht * 2 / 3;
         if let Some(mut s) = self.shortcuts.remove(&net) {
             if s.next_hop != next_hop || s.nbma != nbma {
-                self.peers.remove(s.next_hop, peer_ref::SHORTCUT, &mut self.events);
-                self.peers.add(next_hop, nbma, peer_ref::SHORTCUT, &mut self.events);
+                self.peers
+                    .remove(s.next_hop, peer_ref::SHORTCUT, &mut self.events);
+                self.peers
+                    .add(next_hop, nbma, peer_ref::SHORTCUT, &mut self.events);
                 if s.next_hop != next_hop {
-                    self.events.push_back(Event::RouteAdd { prefix: net, next_hop });
+                    self.events.push_back(Event::RouteAdd {
+                        prefix: net,
+                        next_hop,
+                    });
                 }
                 s.next_hop = next_hop;
                 s.nbma = nbma;
@@ -634,13 +729,22 @@ impl Engine {
                     }
                 }
             }
-            let at = if s.origin == Origin::Resolved && !s.refresh_sent { s.refresh_at } else { s.expires };
-            self.timers.set(&mut s.deadline, TimerKey::Shortcut(net), Some(at));
+            let at = if s.origin == Origin::Resolved && !s.refresh_sent {
+                s.refresh_at
+            } else {
+                s.expires
+            };
+            self.timers
+                .set(&mut s.deadline, TimerKey::Shortcut(net), Some(at));
             self.shortcuts.insert(net, s);
             return;
         }
-        self.peers.add(next_hop, nbma, peer_ref::SHORTCUT, &mut self.events);
-        self.events.push_back(Event::RouteAdd { prefix: net, next_hop });
+        self.peers
+            .add(next_hop, nbma, peer_ref::SHORTCUT, &mut self.events);
+        self.events.push_back(Event::RouteAdd {
+            prefix: net,
+            next_hop,
+        });
         self.stats.shortcuts_installed += 1;
         let mut s = Shortcut {
             next_hop,
@@ -648,22 +752,31 @@ impl Engine {
             origin,
             holding_time,
             expires,
-            refresh_at: if origin == Origin::Resolved { refresh_at } else { expires },
+            refresh_at: if origin == Origin::Resolved {
+                refresh_at
+            } else {
+                expires
+            },
             refresh_sent: false,
             used: false,
             target,
             deadline: None,
         };
         let at = s.refresh_at;
-        self.timers.set(&mut s.deadline, TimerKey::Shortcut(net), Some(at));
+        self.timers
+            .set(&mut s.deadline, TimerKey::Shortcut(net), Some(at));
         self.shortcuts.insert(net, s);
     }
 
     pub(super) fn remove_shortcut(&mut self, net: IpNet) {
-        let Some(mut s) = self.shortcuts.remove(&net) else { return };
-        self.timers.set(&mut s.deadline, TimerKey::Shortcut(net), None);
+        let Some(mut s) = self.shortcuts.remove(&net) else {
+            return;
+        };
+        self.timers
+            .set(&mut s.deadline, TimerKey::Shortcut(net), None);
         self.events.push_back(Event::RouteDel { prefix: net });
-        self.peers.remove(s.next_hop, peer_ref::SHORTCUT, &mut self.events);
+        self.peers
+            .remove(s.next_hop, peer_ref::SHORTCUT, &mut self.events);
     }
 
     pub(super) fn remove_shortcuts_via(&mut self, next_hop: IpAddr) {
@@ -679,23 +792,24 @@ impl Engine {
     }
 
     pub(super) fn shortcut_timer(&mut self, now: Instant, net: IpNet) {
-        let Some(s) = self.shortcuts.get_mut(&net) else { return };
+        let Some(s) = self.shortcuts.get_mut(&net) else {
+            return;
+        };
         s.deadline = None;
         if s.expires <= now {
             self.remove_shortcut(net);
             return;
         }
         let mut refresh = None;
-        if s.origin == Origin::Resolved && !s.refresh_sent && now >= s.refresh_at {
-            if s.used {
-                s.refresh_sent = true;
-                refresh = Some(s.target);
-            }
-            // Unused: left to expire unless traffic() sees it used before then.
+        // Unused at refresh time: left to expire unless traffic() sees it used before then.
+        if s.origin == Origin::Resolved && !s.refresh_sent && now >= s.refresh_at && s.used {
+            s.refresh_sent = true;
+            refresh = Some(s.target);
         }
         let at = s.expires;
         let mut slot = None;
-        self.timers.set(&mut slot, TimerKey::Shortcut(net), Some(at));
+        self.timers
+            .set(&mut slot, TimerKey::Shortcut(net), Some(at));
         if let Some(s) = self.shortcuts.get_mut(&net) {
             s.deadline = slot;
         }
@@ -711,10 +825,15 @@ impl Engine {
         if self.shut_down {
             return;
         }
-        let Some((net, _)) = self.shortcuts.lookup(dst) else { return };
-        let Some(s) = self.shortcuts.get_mut(&net) else { return };
+        let Some((net, _)) = self.shortcuts.lookup(dst) else {
+            return;
+        };
+        let Some(s) = self.shortcuts.get_mut(&net) else {
+            return;
+        };
         s.used = true;
-        if s.origin == Origin::Resolved && !s.refresh_sent && now >= s.refresh_at && s.expires > now {
+        if s.origin == Origin::Resolved && !s.refresh_sent && now >= s.refresh_at && s.expires > now
+        {
             s.refresh_sent = true;
             let t = s.target;
             self.start_resolution(now, t, Some(net));
@@ -725,12 +844,20 @@ impl Engine {
     /// packet went via the hub: resolve that destination.
     pub(super) fn on_traffic_indication(&mut self, from: IpAddr, pkt: &Packet) {
         if self.cfg.phase < Phase::Three || self.nhs.is_empty() {
-            self.drop_packet(DropReason::Unexpected, from, "Traffic Indication while not in phase 3");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Traffic Indication while not in phase 3",
+            );
             return;
         }
         let Some(m) = pkt.mandatory() else { return };
         let Some(dst) = packet_destination(&m.payload) else {
-            self.drop_packet(DropReason::DecodeError, from, "Traffic Indication without an IP header");
+            self.drop_packet(
+                DropReason::DecodeError,
+                from,
+                "Traffic Indication without an IP header",
+            );
             return;
         };
         let now = self.now;
@@ -741,7 +868,10 @@ impl Engine {
     /// old address), register again from the new address.
     pub fn set_local_nbma(&mut self, now: Instant, nbma: IpAddr) {
         self.advance(now);
-        if self.shut_down || nbma == self.cfg.nbma_address || nbma.is_ipv4() != self.cfg.nbma_address.is_ipv4() {
+        if self.shut_down
+            || nbma == self.cfg.nbma_address
+            || nbma.is_ipv4() != self.cfg.nbma_address.is_ipv4()
+        {
             return;
         }
         let old = self.cfg.nbma_address;

@@ -9,8 +9,8 @@ use ipnet::IpNet;
 use super::cache::{Binding, MAX_INFORMED, TimerKey, host, peer_ref, prefix};
 use super::config::{MIN_PREFIX_LEN_V4, MIN_PREFIX_LEN_V6, Phase, Role};
 use super::{
-    Body, Cie, DropReason, Engine, Event, Extension, ExtensionBody, HOP_COUNT_ONE_HOP, Op,
-    Packet, TI_PAYLOAD_MAX, append_transit, echoed_extensions, mandatory, nat_nbma_for, secs,
+    Body, Cie, DropReason, Engine, Event, Extension, ExtensionBody, HOP_COUNT_ONE_HOP, Op, Packet,
+    TI_PAYLOAD_MAX, append_transit, echoed_extensions, mandatory, nat_nbma_for, secs,
     transit_lists, unknown_compulsory,
 };
 use crate::wire::{cie_code, error_code, flags};
@@ -33,12 +33,20 @@ impl Engine {
     /// Registration Request (RFC 2332 §5.2.3) at the NHS.
     pub(super) fn on_registration_request(&mut self, from: IpAddr, pkt: &Packet, raw: &[u8]) {
         if self.cfg.role != Role::Hub {
-            self.drop_packet(DropReason::Unexpected, from, "Registration Request at a spoke");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Registration Request at a spoke",
+            );
             return;
         }
         let Some(m) = pkt.mandatory() else { return };
         let Some(client) = m.src_proto else {
-            self.drop_packet(DropReason::Unexpected, from, "Registration Request without source protocol address");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Registration Request without source protocol address",
+            );
             return;
         };
         if unknown_compulsory(pkt) {
@@ -54,8 +62,7 @@ impl Engine {
 
         // The tunnel address is bound first; the other CIEs are the client's prefixes.
         let existing = self.bindings.get(&client);
-        let host_conflict = existing
-            .is_some_and(|b| b.nbma != from && (unique || b.unique));
+        let host_conflict = existing.is_some_and(|b| b.nbma != from && (unique || b.unique));
         let mut holding_time = self.cfg.holdtime;
         let mut requested: Vec<Requested> = Vec::with_capacity(m.cies.len());
         for cie in &m.cies {
@@ -109,13 +116,22 @@ impl Engine {
         if client_ok && !host_conflict {
             let mut nets: Vec<IpNet> = vec![host(client)];
             for r in &requested {
-                if let (Some(n), cie_code::SUCCESS) = (r.net, r.code) {
-                    if !nets.contains(&n) {
-                        nets.push(n);
-                    }
+                if let (Some(n), cie_code::SUCCESS) = (r.net, r.code)
+                    && !nets.contains(&n)
+                {
+                    nets.push(n);
                 }
             }
-            self.install_binding(now, client, from, m.src_nbma, unique, m.request_id, nets, holding_time);
+            self.install_binding(
+                now,
+                client,
+                from,
+                m.src_nbma,
+                unique,
+                m.request_id,
+                nets,
+                holding_time,
+            );
         }
 
         // Registration Reply: the request's CIEs with their codes.
@@ -123,12 +139,17 @@ impl Engine {
             .cies
             .iter()
             .zip(&requested)
-            .map(|(c, r)| Cie { code: r.code, ..c.clone() })
+            .map(|(c, r)| Cie {
+                code: r.code,
+                ..c.clone()
+            })
             .collect();
         let mut exts = Vec::new();
         for e in &pkt.extensions {
             match &e.body {
-                ExtensionBody::ResponderAddress(_) | ExtensionBody::Authentication(_) | ExtensionBody::End => {}
+                ExtensionBody::ResponderAddress(_)
+                | ExtensionBody::Authentication(_)
+                | ExtensionBody::End => {}
                 ExtensionBody::CiscoNatAddress(_) => {}
                 ExtensionBody::Unknown { .. } if e.compulsory => {}
                 _ => exts.push(e.clone()),
@@ -138,8 +159,14 @@ impl Engine {
             true,
             ExtensionBody::ResponderAddress(Some(self.own_cie(hl))),
         ));
-        if !exts.iter().any(|e| matches!(e.body, ExtensionBody::ReverseTransitNhs(_))) {
-            exts.push(Extension::new(true, ExtensionBody::ReverseTransitNhs(Vec::new())));
+        if !exts
+            .iter()
+            .any(|e| matches!(e.body, ExtensionBody::ReverseTransitNhs(_)))
+        {
+            exts.push(Extension::new(
+                true,
+                ExtensionBody::ReverseTransitNhs(Vec::new()),
+            ));
         }
         // Cisco NAT convention: echo the client's CIE, then add (observed NBMA, client) when
         // the registration came from another address than the one it claims.
@@ -164,13 +191,25 @@ impl Engine {
                 ..Cie::default()
             });
         }
-        if natted || pkt.extensions.iter().any(|e| matches!(e.body, ExtensionBody::CiscoNatAddress(_))) {
+        if natted
+            || pkt
+                .extensions
+                .iter()
+                .any(|e| matches!(e.body, ExtensionBody::CiscoNatAddress(_)))
+        {
             exts.push(Extension::new(false, ExtensionBody::CiscoNatAddress(nat)));
         }
         self.finish_extensions(&mut exts);
         let reply = Packet {
             header: self.header(Op::RegistrationReply, self.cfg.hop_count),
-            body: mandatory(m.flags, m.request_id, m.src_nbma, m.src_proto, m.dst_proto, cies),
+            body: mandatory(
+                m.flags,
+                m.request_id,
+                m.src_nbma,
+                m.src_proto,
+                m.dst_proto,
+                cies,
+            ),
             extensions: exts,
         };
         self.send(from, &reply);
@@ -195,12 +234,11 @@ impl Engine {
         };
         // Take over prefixes registered by another client (allowed by the caller's check).
         for n in &nets {
-            if let Some(owner) = self.owners.get(n).copied() {
-                if owner != client {
-                    if let Some(ob) = self.bindings.get_mut(&owner) {
-                        ob.prefixes.retain(|p| p != n);
-                    }
-                }
+            if let Some(owner) = self.owners.get(n).copied()
+                && owner != client
+                && let Some(ob) = self.bindings.get_mut(&owner)
+            {
+                ob.prefixes.retain(|p| p != n);
             }
         }
         for n in &old_nets {
@@ -209,11 +247,15 @@ impl Engine {
                 self.events.push_back(Event::RouteDel { prefix: *n });
             }
         }
-        self.peers.add(client, nbma, peer_ref::BINDING, &mut self.events);
+        self.peers
+            .add(client, nbma, peer_ref::BINDING, &mut self.events);
         for n in &nets {
             let prev = self.owners.insert(*n, client);
             if prev != Some(client) {
-                self.events.push_back(Event::RouteAdd { prefix: *n, next_hop: client });
+                self.events.push_back(Event::RouteAdd {
+                    prefix: *n,
+                    next_hop: client,
+                });
             }
         }
         let mut informed = informed;
@@ -222,7 +264,8 @@ impl Engine {
             self.purge_informed(client, &old_nets, old_nbma, &informed);
             informed.clear();
         }
-        self.timers.set(&mut deadline, TimerKey::Binding(client), Some(expires));
+        self.timers
+            .set(&mut deadline, TimerKey::Binding(client), Some(expires));
         self.bindings.insert(
             client,
             Binding {
@@ -239,14 +282,17 @@ impl Engine {
     }
 
     pub(super) fn binding_timer(&mut self, now: Instant, client: IpAddr) {
-        let Some(b) = self.bindings.get_mut(&client) else { return };
+        let Some(b) = self.bindings.get_mut(&client) else {
+            return;
+        };
         b.deadline = None;
         if b.expires <= now {
             self.remove_binding(client, true);
         } else {
             let at = b.expires;
             let mut slot = None;
-            self.timers.set(&mut slot, TimerKey::Binding(client), Some(at));
+            self.timers
+                .set(&mut slot, TimerKey::Binding(client), Some(at));
             if let Some(b) = self.bindings.get_mut(&client) {
                 b.deadline = slot;
             }
@@ -256,15 +302,19 @@ impl Engine {
     /// Removes a client's registration: RouteDel for each prefix, PeerDown, and (when
     /// `notify`) purges at the requesters that were told about it.
     pub(super) fn remove_binding(&mut self, client: IpAddr, notify: bool) {
-        let Some(mut b) = self.bindings.remove(&client) else { return };
-        self.timers.set(&mut b.deadline, TimerKey::Binding(client), None);
+        let Some(mut b) = self.bindings.remove(&client) else {
+            return;
+        };
+        self.timers
+            .set(&mut b.deadline, TimerKey::Binding(client), None);
         for n in &b.prefixes {
             if self.owners.get(n) == Some(&client) {
                 self.owners.remove(n);
                 self.events.push_back(Event::RouteDel { prefix: *n });
             }
         }
-        self.peers.remove(client, peer_ref::BINDING, &mut self.events);
+        self.peers
+            .remove(client, peer_ref::BINDING, &mut self.events);
         if notify {
             self.purge_informed(client, &b.prefixes, Some(b.nbma), &b.informed);
         }
@@ -285,9 +335,17 @@ impl Engine {
         let cies: Vec<Cie> = nets
             .iter()
             .map(|n| Cie {
-                prefix_len: if n.prefix_len() == hl { hl } else { n.prefix_len() },
+                prefix_len: if n.prefix_len() == hl {
+                    hl
+                } else {
+                    n.prefix_len()
+                },
                 client_nbma: nbma,
-                client_proto: Some(if n.prefix_len() == hl { client } else { n.addr() }),
+                client_proto: Some(if n.prefix_len() == hl {
+                    client
+                } else {
+                    n.addr()
+                }),
                 ..Cie::default()
             })
             .collect();
@@ -316,16 +374,28 @@ impl Engine {
     pub(super) fn on_resolution_request(&mut self, from: IpAddr, pkt: Packet, raw: &[u8]) {
         let Some(m) = pkt.mandatory() else { return };
         let (Some(src), Some(dst)) = (m.src_proto, m.dst_proto) else {
-            self.drop_packet(DropReason::Unexpected, from, "Resolution Request without protocol addresses");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Resolution Request without protocol addresses",
+            );
             return;
         };
         if src == self.cfg.tunnel_address {
-            self.drop_packet(DropReason::Loop, from, "our own Resolution Request came back");
+            self.drop_packet(
+                DropReason::Loop,
+                from,
+                "our own Resolution Request came back",
+            );
             return;
         }
         if transit_lists(&pkt, true, self.cfg.tunnel_address) {
             self.send_error(from, error_code::LOOP_DETECTED, raw, &pkt);
-            self.drop_packet(DropReason::Loop, from, "our address is in the Forward Transit NHS records");
+            self.drop_packet(
+                DropReason::Loop,
+                from,
+                "our address is in the Forward Transit NHS records",
+            );
             return;
         }
         let own = self.own_prefix_for(dst);
@@ -348,22 +418,33 @@ impl Engine {
             return;
         }
         if self.cfg.role != Role::Hub {
-            self.drop_packet(DropReason::Unexpected, from, "Resolution Request for an address that is not ours");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Resolution Request for an address that is not ours",
+            );
             return;
         }
         if let Some((net, owner)) = client {
             if owner == src {
-                self.drop_packet(DropReason::Unexpected, from, "Resolution Request for the requester's own address");
+                self.drop_packet(
+                    DropReason::Unexpected,
+                    from,
+                    "Resolution Request for the requester's own address",
+                );
                 return;
             }
-            let Some(b) = self.bindings.get(&owner) else { return };
+            let Some(b) = self.bindings.get(&owner) else {
+                return;
+            };
             let owner_nbma = b.nbma;
             // Remember who learns about this client, to purge them when it changes.
             let req_nbma = self.requester_nbma(from, &pkt, src);
-            if let Some(b) = self.bindings.get_mut(&owner) {
-                if !b.informed.iter().any(|(p, _)| *p == src) && b.informed.len() < MAX_INFORMED {
-                    b.informed.push((src, req_nbma));
-                }
+            if let Some(b) = self.bindings.get_mut(&owner)
+                && !b.informed.iter().any(|(p, _)| *p == src)
+                && b.informed.len() < MAX_INFORMED
+            {
+                b.informed.push((src, req_nbma));
             }
             if self.cfg.answer_for_clients {
                 if unknown_compulsory(&pkt) {
@@ -403,7 +484,11 @@ impl Engine {
     fn forward_request(&mut self, from: IpAddr, mut pkt: Packet, raw: &[u8], to: IpAddr) {
         if pkt.header.hop_count <= 1 {
             self.send_error(from, error_code::HOP_COUNT_EXCEEDED, raw, &pkt);
-            self.drop_packet(DropReason::HopCount, from, "hop count exhausted while forwarding");
+            self.drop_packet(
+                DropReason::HopCount,
+                from,
+                "hop count exhausted while forwarding",
+            );
             return;
         }
         pkt.header.hop_count -= 1;
@@ -414,23 +499,22 @@ impl Engine {
             append_transit(&mut pkt.extensions, true, cie);
         }
         // A requester behind NAT that sent an empty NAT extension: fill in what we observed.
-        if let Some(src) = src {
-            if let Some(b) = self.bindings.get(&src) {
-                if b.claimed_nbma.is_some_and(|c| c != b.nbma) {
-                    let observed = b.nbma;
-                    let hl = self.host_len();
-                    for e in &mut pkt.extensions {
-                        if let ExtensionBody::CiscoNatAddress(c) = &mut e.body {
-                            if c.is_empty() {
-                                c.push(Cie {
-                                    prefix_len: hl,
-                                    client_nbma: Some(observed),
-                                    client_proto: Some(src),
-                                    ..Cie::default()
-                                });
-                            }
-                        }
-                    }
+        if let Some(src) = src
+            && let Some(b) = self.bindings.get(&src)
+            && b.claimed_nbma.is_some_and(|c| c != b.nbma)
+        {
+            let observed = b.nbma;
+            let hl = self.host_len();
+            for e in &mut pkt.extensions {
+                if let ExtensionBody::CiscoNatAddress(c) = &mut e.body
+                    && c.is_empty()
+                {
+                    c.push(Cie {
+                        prefix_len: hl,
+                        client_nbma: Some(observed),
+                        client_proto: Some(src),
+                        ..Cie::default()
+                    });
                 }
             }
         }
@@ -461,7 +545,11 @@ impl Engine {
         self.send_resolution_reply(to, pkt, cie, nat);
         // Requester as a shortcut peer, for as long as it asked us to keep its binding.
         let requested_ht = m.cies.first().map_or(0, |c| c.holding_time);
-        let ht = if requested_ht == 0 { self.cfg.holdtime } else { requested_ht.min(self.cfg.holdtime) };
+        let ht = if requested_ht == 0 {
+            self.cfg.holdtime
+        } else {
+            requested_ht.min(self.cfg.holdtime)
+        };
         let is_client = self.bindings.contains_key(&src);
         if self.tunnel_net.contains(&src) && !is_client && !self.is_nhs_address(src) {
             self.install_shortcut(host(src), src, to, ht, super::cache::Origin::Answered, src);
@@ -471,7 +559,9 @@ impl Engine {
 
     /// Authoritative Resolution Reply on behalf of registered client `owner`.
     fn answer_for_client(&mut self, from: IpAddr, pkt: &Packet, net: IpNet, owner: IpAddr) {
-        let Some(b) = self.bindings.get(&owner) else { return };
+        let Some(b) = self.bindings.get(&owner) else {
+            return;
+        };
         let remaining = b.expires.saturating_duration_since(self.now).as_secs();
         let cie = Cie {
             code: cie_code::SUCCESS,
@@ -484,18 +574,21 @@ impl Engine {
             client_nbma_sub: Vec::new(),
             client_proto: Some(owner),
         };
-        let Some(src) = pkt.mandatory().and_then(|m| m.src_proto) else { return };
+        let Some(src) = pkt.mandatory().and_then(|m| m.src_proto) else {
+            return;
+        };
         let to = self.requester_nbma(from, pkt, src);
         self.send_resolution_reply(to, pkt, cie, None);
     }
 
     fn answer_negative(&mut self, from: IpAddr, pkt: &Packet) {
-        let Some(src) = pkt.mandatory().and_then(|m| m.src_proto) else { return };
+        let Some(src) = pkt.mandatory().and_then(|m| m.src_proto) else {
+            return;
+        };
         let cie = Cie {
             code: cie_code::NO_BINDING,
             prefix_len: self.host_len(),
-            holding_time: u16::try_from(self.cfg.negative_holdtime.as_secs())
-                .unwrap_or(u16::MAX),
+            holding_time: u16::try_from(self.cfg.negative_holdtime.as_secs()).unwrap_or(u16::MAX),
             ..Cie::default()
         };
         let to = self.requester_nbma(from, pkt, src);
@@ -512,7 +605,10 @@ impl Engine {
                 exts.push(e.clone());
             }
         }
-        exts.push(Extension::new(true, ExtensionBody::ReverseTransitNhs(Vec::new())));
+        exts.push(Extension::new(
+            true,
+            ExtensionBody::ReverseTransitNhs(Vec::new()),
+        ));
         exts.push(Extension::new(
             true,
             ExtensionBody::ResponderAddress(Some(self.own_cie(hl))),
@@ -527,7 +623,10 @@ impl Engine {
                 }]
             })
             .unwrap_or_default();
-        exts.push(Extension::new(false, ExtensionBody::CiscoNatAddress(nat_cies)));
+        exts.push(Extension::new(
+            false,
+            ExtensionBody::CiscoNatAddress(nat_cies),
+        ));
         exts.extend(echoed_extensions(req));
         self.finish_extensions(&mut exts);
         let mut f = m.flags & (flags::RES_Q | flags::RES_S);
@@ -537,7 +636,14 @@ impl Engine {
         f |= flags::CISCO_NAT;
         let reply = Packet {
             header: self.header(Op::ResolutionReply, self.cfg.hop_count),
-            body: mandatory(f, m.request_id, m.src_nbma, m.src_proto, m.dst_proto, vec![cie]),
+            body: mandatory(
+                f,
+                m.request_id,
+                m.src_nbma,
+                m.src_proto,
+                m.dst_proto,
+                vec![cie],
+            ),
             extensions: exts,
         };
         self.send(to, &reply);
@@ -547,18 +653,32 @@ impl Engine {
     /// ourselves in the Reverse Transit NHS extension.
     pub(super) fn forward_reply(&mut self, from: IpAddr, mut pkt: Packet, raw: &[u8]) {
         if self.cfg.role != Role::Hub {
-            self.drop_packet(DropReason::Unexpected, from, "Resolution Reply for another node at a spoke");
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Resolution Reply for another node at a spoke",
+            );
             return;
         }
         if transit_lists(&pkt, false, self.cfg.tunnel_address) {
             self.send_error(from, error_code::LOOP_DETECTED, raw, &pkt);
-            self.drop_packet(DropReason::Loop, from, "our address is in the Reverse Transit NHS records");
+            self.drop_packet(
+                DropReason::Loop,
+                from,
+                "our address is in the Reverse Transit NHS records",
+            );
             return;
         }
-        let Some(src) = pkt.mandatory().and_then(|m| m.src_proto) else { return };
+        let Some(src) = pkt.mandatory().and_then(|m| m.src_proto) else {
+            return;
+        };
         if pkt.header.hop_count <= 1 {
             self.send_error(from, error_code::HOP_COUNT_EXCEEDED, raw, &pkt);
-            self.drop_packet(DropReason::HopCount, from, "hop count exhausted while forwarding");
+            self.drop_packet(
+                DropReason::HopCount,
+                from,
+                "hop count exhausted while forwarding",
+            );
             return;
         }
         // Next hop back: the requester if it is our client, else the NHS before us in the
@@ -567,7 +687,9 @@ impl Engine {
         let prev_nhs = pkt.extensions.iter().find_map(|e| match &e.body {
             ExtensionBody::ForwardTransitNhs(c) => {
                 let pos = c.iter().position(|c| c.client_proto == Some(me))?;
-                pos.checked_sub(1).and_then(|p| c.get(p)).and_then(|c| c.client_nbma)
+                pos.checked_sub(1)
+                    .and_then(|p| c.get(p))
+                    .and_then(|c| c.client_nbma)
             }
             _ => None,
         });
@@ -578,7 +700,11 @@ impl Engine {
                 None => match pkt.mandatory().and_then(|m| m.src_nbma) {
                     Some(n) => n,
                     None => {
-                        self.drop_packet(DropReason::Unexpected, from, "no way back to the requester");
+                        self.drop_packet(
+                            DropReason::Unexpected,
+                            from,
+                            "no way back to the requester",
+                        );
                         return;
                     }
                 },
@@ -616,21 +742,29 @@ impl Engine {
                     });
                 let whole = m.cies.is_empty()
                     || m.cies.iter().any(|c| {
-                        let len = if c.prefix_len == 0xFF || c.prefix_len == 0 { hl } else { c.prefix_len };
+                        let len = if c.prefix_len == 0xFF || c.prefix_len == 0 {
+                            hl
+                        } else {
+                            c.prefix_len
+                        };
                         c.client_proto.unwrap_or(client) == client && len == hl
                     });
                 if matches && whole {
                     self.remove_binding(client, true);
                 } else if matches {
                     for c in &m.cies {
-                        let len = if c.prefix_len == 0xFF || c.prefix_len == 0 { hl } else { c.prefix_len };
-                        if let Some(n) = c.client_proto.and_then(|a| prefix(a, len)) {
-                            if self.owners.get(&n) == Some(&client) {
-                                self.owners.remove(&n);
-                                self.events.push_back(Event::RouteDel { prefix: n });
-                                if let Some(b) = self.bindings.get_mut(&client) {
-                                    b.prefixes.retain(|p| *p != n);
-                                }
+                        let len = if c.prefix_len == 0xFF || c.prefix_len == 0 {
+                            hl
+                        } else {
+                            c.prefix_len
+                        };
+                        if let Some(n) = c.client_proto.and_then(|a| prefix(a, len))
+                            && self.owners.get(&n) == Some(&client)
+                        {
+                            self.owners.remove(&n);
+                            self.events.push_back(Event::RouteDel { prefix: n });
+                            if let Some(b) = self.bindings.get_mut(&client) {
+                                b.prefixes.retain(|p| *p != n);
                             }
                         }
                     }
@@ -642,7 +776,11 @@ impl Engine {
             }
             _ => {
                 for c in &m.cies {
-                    let len = if c.prefix_len == 0xFF || c.prefix_len == 0 { hl } else { c.prefix_len };
+                    let len = if c.prefix_len == 0xFF || c.prefix_len == 0 {
+                        hl
+                    } else {
+                        c.prefix_len
+                    };
                     let Some(addr) = c.client_proto else { continue };
                     if let Some(n) = prefix(addr, len) {
                         self.remove_shortcut(n);
@@ -661,7 +799,14 @@ impl Engine {
         self.finish_extensions(&mut exts);
         let reply = Packet {
             header: self.header(Op::PurgeReply, self.cfg.hop_count),
-            body: mandatory(m.flags, m.request_id, m.src_nbma, m.src_proto, m.dst_proto, cies),
+            body: mandatory(
+                m.flags,
+                m.request_id,
+                m.src_nbma,
+                m.src_proto,
+                m.dst_proto,
+                cies,
+            ),
             extensions: exts,
         };
         self.send(from, &reply);
@@ -671,7 +816,14 @@ impl Engine {
     /// `ingress_nbma` and went back out to it. Sends a Traffic Indication carrying the leading
     /// bytes `head` of the packet to `ingress_nbma`, at most `redirect_limit.burst` per
     /// `redirect_limit.interval` per (src, dst).
-    pub fn hairpinned(&mut self, now: Instant, src: IpAddr, dst: IpAddr, ingress_nbma: IpAddr, head: &[u8]) {
+    pub fn hairpinned(
+        &mut self,
+        now: Instant,
+        src: IpAddr,
+        dst: IpAddr,
+        ingress_nbma: IpAddr,
+        head: &[u8],
+    ) {
         self.advance(now);
         if self.shut_down || self.cfg.role != Role::Hub || self.cfg.phase < Phase::Three {
             return;

@@ -107,7 +107,10 @@ mod tests {
         let mut l = RedirectLimiter::new(RedirectLimit::default(), t0);
         let (a, b, c) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3"));
         assert_eq!(l.allow(t0, a, b), Ok(()));
-        assert_eq!(l.allow(t0 + Duration::from_secs(9), a, b), Err(Limited::Pair));
+        assert_eq!(
+            l.allow(t0 + Duration::from_secs(9), a, b),
+            Err(Limited::Pair)
+        );
         // another pair is independent
         assert_eq!(l.allow(t0 + Duration::from_secs(1), a, c), Ok(()));
         assert_eq!(l.allow(t0 + Duration::from_secs(10), a, b), Ok(()));

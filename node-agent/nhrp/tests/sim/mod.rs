@@ -219,11 +219,7 @@ impl Sim {
 
     /// Advances the clock to `end`, delivering packets and firing timers in time order.
     pub fn run_until(&mut self, end: Instant) {
-        loop {
-            let Some(next) = self.next_instant() else { break };
-            if next > end {
-                break;
-            }
+        while let Some(next) = self.next_instant().filter(|t| *t <= end) {
             if next > self.now {
                 self.now = next;
             }
@@ -252,7 +248,11 @@ impl Sim {
                 }
             }
             for i in 0..self.nodes.len() {
-                if self.nodes[i].engine.poll_timeout().is_some_and(|t| t <= now) {
+                if self.nodes[i]
+                    .engine
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
+                {
                     self.nodes[i].engine.handle_timeout(now);
                     self.flush(i);
                 }
@@ -297,7 +297,11 @@ impl Sim {
 
     /// Packets of type `op` node `i` sent.
     pub fn sent_ops(&self, i: usize, op: Op) -> Vec<&(Instant, IpAddr, Packet)> {
-        self.nodes[i].sent.iter().filter(|(_, _, p)| p.op() == op).collect()
+        self.nodes[i]
+            .sent
+            .iter()
+            .filter(|(_, _, p)| p.op() == op)
+            .collect()
     }
 
     pub fn received_ops(&self, i: usize, op: Op) -> Vec<&(Instant, IpAddr, Packet)> {
