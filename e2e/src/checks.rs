@@ -194,6 +194,7 @@ fn lan_checks(lab: &mut Lab, r: &mut Report) -> Result<()> {
     let dst = spoke_lan_host(2);
     let dst_nbma = lab.spoke(2).nbma;
     let redirects0 = hub_redirects(lab)?;
+    let resolutions0 = spoke_resolutions(lab, 1)?;
     let fwd0 = hub_forwarded(lab)?;
     // (b) continuous traffic LAN1 -> LAN2; (c) time to the shortcut.
     let (pid, log) = lab.spawn_lan_ping(1, 2, "0.01", 2000)?;
@@ -252,6 +253,20 @@ fn lan_checks(lab: &mut Lab, r: &mut Report) -> Result<()> {
             );
         }
     }
+    let resolutions = spoke_resolutions(lab, 1)?.saturating_sub(resolutions0);
+    if phase >= 2 {
+        r.check(
+            "resolution",
+            resolutions > 0,
+            format!("spoke1 sent {resolutions} Resolution Request(s)"),
+        );
+    } else {
+        r.check(
+            "no-resolution",
+            resolutions == 0,
+            format!("phase 1: spoke1 sent {resolutions} Resolution Request(s) (none expected)"),
+        );
+    }
     if phase == 1 {
         let sc = lab.spoke(1).cache()?.shortcut_for(dst).cloned();
         r.check(
@@ -297,6 +312,15 @@ fn lan_checks(lab: &mut Lab, r: &mut Report) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Resolution Requests spoke `i` sent.
+pub fn spoke_resolutions(lab: &Lab, i: usize) -> Result<u64> {
+    let c = crate::agent::counters(&lab.spoke(i).socket)?;
+    Ok(crate::agent::counter(
+        &c,
+        "/nhrp/messages/resolution_request/tx",
+    ))
 }
 
 /// Sum of the hubs' redirect-sent counters.

@@ -266,6 +266,7 @@ impl Lab {
     }
 
     fn build_topology(&mut self) -> Result<()> {
+        ipv4_only(&self.inet)?;
         self.inet.bridge("br0")?;
         for h in 1..=self.spec.hubs {
             let node = self.make_node(Role::Hub, h, hub_nbma(h), hub_tunnel(h))?;
@@ -274,6 +275,7 @@ impl Lab {
         for i in 1..=self.spec.spokes {
             let mut node = self.make_node(Role::Spoke, i, spoke_nbma(i), spoke_tunnel(i))?;
             let lan_ns = self.factory.create(&format!("lan{i}"))?;
+            ipv4_only(&lan_ns)?;
             node.ns.veth_to("lan0", &lan_ns, "eth0")?;
             let gateway = Ipv4Addr::new(10, (100 + i) as u8, 0, 1);
             let host = spoke_lan_host(i);
@@ -303,6 +305,7 @@ impl Lab {
     ) -> Result<Node> {
         let label = format!("{role}{index}");
         let ns = self.factory.create(&label)?;
+        ipv4_only(&ns)?;
         // Bridge-side port name in inet: "u-hub1", "u-spoke12" (<= 15 chars).
         let port = format!("u-{label}");
         self.inet.veth_to(&port, &ns, UNDERLAY_IF)?;
@@ -711,6 +714,12 @@ impl Drop for Lab {
         }
         self.shutdown();
     }
+}
+
+/// The lab is IPv4-only: no IPv6 neighbour discovery noise in captures, no DAD delays.
+fn ipv4_only(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+    ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
 }
 
 /// Last `n` lines of a file (empty if unreadable).

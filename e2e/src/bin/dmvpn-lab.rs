@@ -49,6 +49,9 @@ enum Cmd {
         /// Stay up until Ctrl-C after the checks.
         #[arg(long)]
         hold: bool,
+        /// Capture the underlay bridge into this pcap file.
+        #[arg(long)]
+        pcap: Option<PathBuf>,
     },
 }
 
@@ -92,7 +95,12 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Up { lab, interval } => up(&lab, interval),
         Cmd::Check { lab } => check(&lab),
-        Cmd::Underlay { spokes, hubs, hold } => underlay(spokes, hubs, hold),
+        Cmd::Underlay {
+            spokes,
+            hubs,
+            hold,
+            pcap,
+        } => underlay(spokes, hubs, hold, pcap),
     };
     match res {
         Ok(code) => code,
@@ -209,12 +217,13 @@ fn check(args: &LabArgs) -> Result<ExitCode> {
     })
 }
 
-fn underlay(spokes: usize, hubs: usize, hold: bool) -> Result<ExitCode> {
+fn underlay(spokes: usize, hubs: usize, hold: bool, pcap: Option<PathBuf>) -> Result<ExitCode> {
     require_root()?;
     // No agent is started: any path satisfies the spec.
     let mut spec = LabSpec::new(PathBuf::from("/nonexistent/dmvpn-agent"));
     spec.spokes = spokes;
     spec.hubs = hubs;
+    spec.pcap = pcap;
     let lab = Lab::build(spec)?;
     println!(
         "lab {} namespaces: {}",
