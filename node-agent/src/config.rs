@@ -468,6 +468,16 @@ impl RawConfig {
             if p.addr().is_ipv4() != tip.is_ipv4() {
                 return Err(ctx.err(&field, format!("{p} is not of the tunnel's address family")));
             }
+            // The engine neither registers nor installs prefixes broader than this (as FRR).
+            let min_len = if p.addr().is_ipv4() { 8 } else { 16 };
+            if p.prefix_len() < min_len {
+                return Err(ctx.err(
+                    &field,
+                    format!(
+                        "{p} is broader than /{min_len}; NHRP does not register prefixes that broad"
+                    ),
+                ));
+            }
             if overlaps(&p, &tunnel_net) {
                 return Err(ctx.err(
                     &field,
@@ -653,8 +663,15 @@ impl RawConfig {
             });
         }
 
+        let raw_routes = self.overlay_routes.unwrap_or_default();
+        if !raw_routes.is_empty() && nhs.is_empty() {
+            return Err(ctx.err(
+                "overlay_routes",
+                "routes into the tunnel go via an NHS, and there is no [[nhs]] entry; remove overlay_routes or add an NHS",
+            ));
+        }
         let mut overlay_routes: Vec<IpNet> = Vec::new();
-        for (i, s) in self.overlay_routes.unwrap_or_default().iter().enumerate() {
+        for (i, s) in raw_routes.iter().enumerate() {
             let field = format!("overlay_routes[{i}]");
             let p = parse_prefix(&ctx, &field, s)?;
             if p.addr().is_ipv4() != tip.is_ipv4() {
@@ -1025,6 +1042,11 @@ priority = 0
             "local_prefixes = [\"10.1.0.0/16\", \"10.1.2.0/24\"]",
         ));
         assert_field(&e, "local_prefixes[1]", "overlaps 10.1.0.0/16");
+        let e = err_of(&spoke_with(
+            "local_prefixes",
+            "local_prefixes = [\"172.0.0.0/7\"]",
+        ));
+        assert_field(&e, "local_prefixes[0]", "broader than /8");
         let e = err_of(&spoke_with("local_prefixes", "local_prefixes = [\"lan\"]"));
         assert_field(&e, "local_prefixes[0]", "not a prefix");
     }
@@ -1053,6 +1075,13 @@ priority = 0
             c.overlay_routes,
             vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
         );
+    }
+
+    #[test]
+    fn overlay_routes_need_an_nhs() {
+        let text = "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\noverlay_routes = [\"10.0.0.0/8\"]\n";
+        let e = err_of(text);
+        assert_field(&e, "overlay_routes", "no [[nhs]]");
     }
 
     #[test]

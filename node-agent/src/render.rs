@@ -222,9 +222,9 @@ pub fn nhs(v: &NhsListView) -> String {
         ("NBMA", false),
         ("Priority", true),
         ("State", false),
-        ("Req Sent", true),
-        ("Rep Rcvd", true),
-        ("Next", false),
+        ("Registered", false),
+        ("Last Reply", false),
+        ("Failures", true),
         ("Flags", false),
     ]);
     for n in &v.nhs {
@@ -235,15 +235,18 @@ pub fn nhs(v: &NhsListView) -> String {
         if let Some(nat) = n.nat_address {
             flags.push(format!("nat:{nat}"));
         }
+        if let Some(code) = n.last_rejection_code {
+            flags.push(format!("rejected:{code}"));
+        }
         t.row(vec![
             n.tunnel_address.to_string(),
             n.nbma_address.to_string(),
             n.priority.to_string(),
             n.state.to_uppercase(),
-            n.requests_sent.to_string(),
-            n.replies_received.to_string(),
-            n.next_attempt_in_secs
-                .map_or_else(|| "-".to_owned(), duration),
+            if n.registered { "yes" } else { "no" }.to_owned(),
+            n.last_reply_secs_ago
+                .map_or_else(|| "never".to_owned(), |s| format!("{} ago", duration(s))),
+            n.failures.to_string(),
             if flags.is_empty() {
                 "-".to_owned()
             } else {
@@ -437,15 +440,20 @@ mod tests {
                 state: "up".into(),
                 registered: true,
                 preferred: true,
-                requests_sent: 3,
-                replies_received: 3,
-                next_attempt_in_secs: Some(2400),
+                last_reply_secs_ago: Some(2400),
+                failures: 2,
+                consecutive_timeouts: 0,
+                request_id: 7,
                 nat_address: Some(ip("203.0.113.50")),
+                last_rejection_code: None,
             }],
         };
         let s = nhs(&v);
         let row = s.lines().find(|l| l.starts_with("10.42.0.1")).unwrap();
-        assert!(row.contains("UP") && row.contains("00:40:00"), "{row}");
+        assert!(
+            row.contains("UP") && row.contains("yes") && row.contains("00:40:00 ago"),
+            "{row}"
+        );
         assert!(row.ends_with("preferred,nat:203.0.113.50"), "{row}");
     }
 

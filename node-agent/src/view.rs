@@ -94,20 +94,25 @@ pub struct NhsListView {
 pub struct NhsView {
     pub tunnel_address: IpAddr,
     pub nbma_address: IpAddr,
+    /// Lower is preferred (Cisco convention).
     pub priority: u8,
-    /// Registration state, e.g. "up" (registered), "down", "probe"/"registering".
+    /// "probing" (not heard from yet), "up" or "down" (missed 3 registrations; still probed).
     pub state: String,
-    /// True when our registration is currently accepted (state "up").
+    /// Our registration is currently accepted.
     pub registered: bool,
-    /// This NHS carries the routes via NHS (preferred among the live ones).
+    /// The routes via NHS (tunnel network, overlay_routes) currently point to this NHS.
     pub preferred: bool,
-    /// Registration requests sent to it and replies received from it.
-    pub requests_sent: u64,
-    pub replies_received: u64,
-    /// Seconds until the next registration attempt or refresh.
-    pub next_attempt_in_secs: Option<u64>,
-    /// NBMA address the NHS saw us at when different from ours (NAT).
+    /// Seconds since its last Registration Reply.
+    pub last_reply_secs_ago: Option<u64>,
+    /// Registration timeouts in total, and in a row now.
+    pub failures: u64,
+    pub consecutive_timeouts: u32,
+    /// Request id of our current registration.
+    pub request_id: u32,
+    /// Our NBMA address as this NHS sees it, when different from ours (NAT).
     pub nat_address: Option<IpAddr>,
+    /// CIE code of the last rejection (e.g. 14: unique address already registered).
+    pub last_rejection_code: Option<u8>,
 }
 
 /// Reply to `clear_nhrp_cache`.
