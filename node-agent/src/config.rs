@@ -698,10 +698,12 @@ impl RawConfig {
                     format!("{p} contains this node's own nbma_address {own}; routing it into the tunnel would loop"),
                 ));
             }
-            if let Some(lp) = local_prefixes.iter().find(|q| overlaps(q, &p)) {
+            // A broader overlay route around a local LAN is the usual setup (the LAN's own,
+            // longer route wins); one inside a local LAN would pull the LAN into the tunnel.
+            if let Some(lp) = local_prefixes.iter().find(|q| q.contains(&p)) {
                 return Err(ctx.err(
                     &field,
-                    format!("{p} overlaps local prefix {lp}; a local LAN must not be routed into the tunnel"),
+                    format!("{p} lies inside local prefix {lp}; a local LAN must not be routed into the tunnel"),
                 ));
             }
             if overlay_routes.contains(&p) {
@@ -1060,14 +1062,12 @@ priority = 0
         assert_field(&e, "overlay_routes[0]", "would loop");
         let e = err_of(&spoke_with(
             "overlay_routes",
-            "overlay_routes = [\"10.0.0.0/8\"]",
+            "overlay_routes = [\"10.1.2.128/25\"]",
         ));
-        assert_field(&e, "overlay_routes[0]", "overlaps local prefix 10.1.2.0/24");
+        assert_field(&e, "overlay_routes[0]", "inside local prefix 10.1.2.0/24");
+        // A summary around the local LAN is fine: the LAN's longer route wins locally.
         let c = parse(
-            &spoke_with(
-                "local_prefixes",
-                "local_prefixes = [\"172.16.2.0/24\"]\noverlay_routes = [\"10.0.0.0/8\"]",
-            ),
+            &spoke_with("overlay_routes", "overlay_routes = [\"10.0.0.0/8\"]"),
             "test.toml",
         )
         .unwrap();
@@ -1075,6 +1075,11 @@ priority = 0
             c.overlay_routes,
             vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
         );
+        let e = err_of(&spoke_with(
+            "overlay_routes",
+            "overlay_routes = [\"10.0.0.0/8\", \"10.0.0.0/8\"]",
+        ));
+        assert_field(&e, "overlay_routes[1]", "listed twice");
     }
 
     #[test]
