@@ -154,7 +154,8 @@ pub fn engine_config(cfg: &Config, nbma: IpAddr) -> engine::Config {
             priority: n.priority,
         })
         .collect();
-    for r in &cfg.overlay_routes {
+    // Without an NHS (a top-level hub) overlay routes are kernel routes only.
+    for r in cfg.overlay_routes.iter().filter(|_| !cfg.nhs.is_empty()) {
         if !e.routes_via_nhs.contains(r) {
             e.routes_via_nhs.push(*r);
         }
@@ -894,6 +895,17 @@ priority = 5
         assert!(e.initial_request_id > 1);
         e.validate().unwrap();
         // The engine accepts what the agent's validation accepts.
+        Engine::new(e, Instant::now()).unwrap();
+    }
+
+    #[test]
+    fn hub_without_nhs_keeps_overlay_routes_out_of_the_engine() {
+        let c = cfg(
+            "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\noverlay_routes = [\"10.100.0.0/16\"]\n",
+        );
+        let e = engine_config(&c, ip("198.51.100.1"));
+        assert!(e.routes_via_nhs.is_empty());
+        assert!(e.nhs.is_empty());
         Engine::new(e, Instant::now()).unwrap();
     }
 

@@ -663,13 +663,9 @@ impl RawConfig {
             });
         }
 
+        // Without an NHS (a top-level hub) these are only kernel routes into the TUN; the
+        // data plane then forwards by the registered spokes' prefixes.
         let raw_routes = self.overlay_routes.unwrap_or_default();
-        if !raw_routes.is_empty() && nhs.is_empty() {
-            return Err(ctx.err(
-                "overlay_routes",
-                "routes into the tunnel go via an NHS, and there is no [[nhs]] entry; remove overlay_routes or add an NHS",
-            ));
-        }
         let mut overlay_routes: Vec<IpNet> = Vec::new();
         for (i, s) in raw_routes.iter().enumerate() {
             let field = format!("overlay_routes[{i}]");
@@ -1083,10 +1079,14 @@ priority = 0
     }
 
     #[test]
-    fn overlay_routes_need_an_nhs() {
-        let text = "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\noverlay_routes = [\"10.0.0.0/8\"]\n";
-        let e = err_of(text);
-        assert_field(&e, "overlay_routes", "no [[nhs]]");
+    fn hub_overlay_routes_without_nhs() {
+        let text = "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\noverlay_routes = [\"10.100.0.0/16\"]\n";
+        let c = parse(text, "test.toml").unwrap();
+        assert_eq!(
+            c.overlay_routes,
+            vec!["10.100.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert!(c.nhs.is_empty());
     }
 
     #[test]
