@@ -1,0 +1,24 @@
+//! The kube-dmvpn operator: tunnel address allocation, the certificate authority, status.
+//!
+//! - [`pki`]: certificate issuance (reusable outside the operator);
+//! - [`ipam`]: tunnel address allocation records;
+//! - [`certs`]: CA and site certificate secrets;
+//! - [`reconcile`]: the DmvpnHub / DmvpnSpoke reconcilers;
+//! - [`run`]: wiring (leader election, controllers, HTTP endpoints, shutdown);
+//! - `fakeapi` (feature `fake-api`): an in-process Kubernetes API server for tests.
+
+pub mod certs;
+pub mod clock;
+pub mod context;
+#[cfg(feature = "fake-api")]
+pub mod fakeapi;
+pub mod http;
+pub mod ipam;
+pub mod leader;
+pub mod metrics;
+pub mod pki;
+pub mod reconcile;
+pub mod run;
+
+pub use context::Settings;
+pub use run::{Options, RunError, run};

@@ -1,0 +1,569 @@
+//! Certificate issuance for DMVPN identities: an ECDSA P-256 CA and leaf certificates whose
+//! identity carries the tunnel address.
+//!
+//! Used by the operator and meant to be reused by the agent's standalone CLI. Nothing here
+//! reads the clock: every function takes `now`.
+//!
+//! A leaf certificate carries:
+//! - subject CN = the object name;
+//! - SAN IP = the tunnel address (the IKE identity peers check);
+//! - SAN URI = `dmvpn://<kind>/<name>` and SAN DNS `<name>.<kind>.dmvpn` (the Kubernetes object
+//!   it belongs to; `<kind>` is `hub` or `spoke`);
+//! - EKU id-kp-ipsecIKE (1.3.6.1.5.5.7.3.17), serverAuth and clientAuth.
+//!
+//! Rotation: a certificate is renewed once 2/3 of its lifetime has passed. The old one stays valid
+//! until it expires (the remaining third is the overlap in which both are accepted, since both
+//! chain to the same CA).
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+/// id-kp-ipsecIKE (RFC 4945).
+pub const EKU_IPSEC_IKE: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 3, 17];
+const EKU_IPSEC_IKE_DOTTED: &str = "1.3.6.1.5.5.7.3.17";
+
+/// Certificates start up to this long before `now` (at most a tenth of their lifetime), to
+/// tolerate clock skew between nodes.
+pub const BACKDATE: Duration = Duration::from_secs(60);
+
+/// The shortest lifetime a certificate may have (times have second precision).
+pub const MIN_LIFETIME: Duration = Duration::from_secs(3);
+
+fn backdate(lifetime: Duration) -> Duration {
+    Duration::from_secs((lifetime / 10).min(BACKDATE).as_secs())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("the PEM data is not a valid certificate: {0}")]
+    Parse(String),
+    #[error("the certificate was not signed by any CA in the bundle")]
+    UntrustedIssuer,
+    #[error("the certificate is not valid at this time (valid {not_before:?} .. {not_after:?})")]
+    Expired {
+        not_before: SystemTime,
+        not_after: SystemTime,
+    },
+    #[error("time {0:?} is out of the range a certificate can carry")]
+    Time(SystemTime),
+    #[error("certificate lifetime must be at least {min:?}, got {got:?}")]
+    Lifetime { min: Duration, got: Duration },
+}
+
+/// Which kind of object an identity belongs to (used in the URI and DNS SAN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    Hub,
+    Spoke,
+}
+
+impl IdentityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hub => "hub",
+            Self::Spoke => "spoke",
+        }
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub kind: IdentityKind,
+    /// None for cluster-scoped objects (DmvpnHub and DmvpnSpoke are).
+    pub namespace: Option<String>,
+    pub name: String,
+    pub tunnel_address: IpAddr,
+}
+
+impl Identity {
+    /// `dmvpn://<kind>/<name>`, or `dmvpn://<kind>/<namespace>/<name>` for namespaced objects.
+    pub fn uri(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("dmvpn://{}/{ns}/{}", self.kind.as_str(), self.name),
+            None => format!("dmvpn://{}/{}", self.kind.as_str(), self.name),
+        }
+    }
+
+    /// `<name>.<kind>.dmvpn`, or `<name>.<namespace>.<kind>.dmvpn` for namespaced objects.
+    pub fn dns_name(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}.{ns}.{}.dmvpn", self.name, self.kind.as_str()),
+            None => format!("{}.{}.dmvpn", self.name, self.kind.as_str()),
+        }
+    }
+}
+
+/// A PEM certificate and its PEM PKCS#8 private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// What the operator needs to know about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub serial: String,
+    pub subject_cn: Option<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub ip_addresses: Vec<IpAddr>,
+    pub uris: Vec<String>,
+    pub dns_names: Vec<String>,
+    pub ipsec_ike_eku: bool,
+    pub is_ca: bool,
+}
+
+impl CertInfo {
+    /// When the certificate should be replaced: after 2/3 of its lifetime.
+    pub fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life * 2 / 3
+    }
+
+    pub fn needs_renewal(&self, now: SystemTime) -> bool {
+        now >= self.renew_at()
+    }
+
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+}
+
+fn to_offset(t: SystemTime) -> Result<time::OffsetDateTime, PkiError> {
+    let secs = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).map_err(|_| PkiError::Time(t))?,
+        Err(e) => -i64::try_from(e.duration().as_secs()).map_err(|_| PkiError::Time(t))?,
+    };
+    time::OffsetDateTime::from_unix_timestamp(secs).map_err(|_| PkiError::Time(t))
+}
+
+fn from_timestamp(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// Certificate times have second precision: round down so the stored value matches.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
+    }
+}
+
+fn random_serial() -> Result<SerialNumber, PkiError> {
+    // A fresh key pair is a convenient source of 16 random bytes without another dependency.
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let raw = key.public_key_raw();
+    let mut bytes: Vec<u8> = raw.iter().rev().take(16).copied().collect();
+    if let Some(first) = bytes.first_mut() {
+        // Positive and non-zero leading byte, as RFC 5280 asks.
+        *first = (*first & 0x7f) | 0x01;
+    }
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// An ECDSA P-256 certificate authority.
+pub struct CertificateAuthority {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    info: CertInfo,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// A new self-signed CA valid for `lifetime` from slightly before `now`.
+    pub fn generate(
+        common_name: &str,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Self, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "kube-dmvpn");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        if lifetime < MIN_LIFETIME {
+            return Err(PkiError::Lifetime {
+                min: MIN_LIFETIME,
+                got: lifetime,
+            });
+        }
+        let start = whole_seconds(now) - backdate(lifetime);
+        params.not_before = to_offset(start)?;
+        params.not_after = to_offset(start + lifetime)?;
+        params.serial_number = Some(random_serial()?);
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
+        Self::from_pem(&cert_pem, &key_pem)
+    }
+
+    /// Loads a CA from its PEM certificate and PEM private key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let info = inspect(cert_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            issuer,
+            info,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    pub fn info(&self) -> &CertInfo {
+        &self.info
+    }
+
+    fn leaf_params(
+        &self,
+        id: &Identity,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<CertificateParams, PkiError> {
+        if lifetime < MIN_LIFETIME {
+            return Err(PkiError::Lifetime {
+                min: MIN_LIFETIME,
+                got: lifetime,
+            });
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, id.name.as_str());
+        dn.push(DnType::OrganizationName, "kube-dmvpn");
+        dn.push(DnType::OrganizationalUnitName, id.kind.as_str());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![
+            SanType::IpAddress(id.tunnel_address),
+            SanType::URI(id.uri().try_into()?),
+            SanType::DnsName(id.dns_name().try_into()?),
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::Other(EKU_IPSEC_IKE.to_vec()),
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        // The lifetime counts from the backdated start, so rotation at 2/3 is exact.
+        let start = whole_seconds(now) - backdate(lifetime);
+        params.not_before = to_offset(start)?;
+        params.not_after = to_offset(start + lifetime)?;
+        params.serial_number = Some(random_serial()?);
+        Ok(params)
+    }
+
+    /// Issues a certificate and a fresh P-256 key for `id`.
+    pub fn issue(
+        &self,
+        id: &Identity,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let params = self.leaf_params(id, now, lifetime)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert_pem = cert.pem();
+        let info = inspect(&cert_pem)?;
+        Ok(IssuedCert {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+            not_before: info.not_before,
+            not_after: info.not_after,
+        })
+    }
+
+    /// Signs a PEM CSR (the key stays with the requester). The identity comes from `id`, not
+    /// from the CSR: only the public key is taken from it.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &Identity,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let params = self.leaf_params(id, now, lifetime)?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+}
+
+fn parse_pem_certs(pem: &str) -> Result<Vec<Vec<u8>>, PkiError> {
+    let mut out = Vec::new();
+    for item in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let item = item.map_err(|e| PkiError::Parse(e.to_string()))?;
+        if item.label == "CERTIFICATE" {
+            out.push(item.contents);
+        }
+    }
+    if out.is_empty() {
+        return Err(PkiError::Parse("no CERTIFICATE block found".to_owned()));
+    }
+    Ok(out)
+}
+
+fn info_of(cert: &X509Certificate<'_>) -> CertInfo {
+    let mut info = CertInfo {
+        serial: cert.raw_serial_as_string(),
+        subject_cn: cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
+        not_before: from_timestamp(cert.validity().not_before.timestamp()),
+        not_after: from_timestamp(cert.validity().not_after.timestamp()),
+        ip_addresses: Vec::new(),
+        uris: Vec::new(),
+        dns_names: Vec::new(),
+        ipsec_ike_eku: false,
+        is_ca: cert.is_ca(),
+    };
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::IPAddress(b) => {
+                            if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                                info.ip_addresses.push(IpAddr::from(a));
+                            } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                                info.ip_addresses.push(IpAddr::from(a));
+                            }
+                        }
+                        GeneralName::URI(u) => info.uris.push((*u).to_owned()),
+                        GeneralName::DNSName(d) => info.dns_names.push((*d).to_owned()),
+                        _ => {}
+                    }
+                }
+            }
+            ParsedExtension::ExtendedKeyUsage(eku) => {
+                info.ipsec_ike_eku = eku
+                    .other
+                    .iter()
+                    .any(|oid| oid.to_id_string() == EKU_IPSEC_IKE_DOTTED);
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+/// Reads the first certificate of a PEM bundle.
+pub fn inspect(cert_pem: &str) -> Result<CertInfo, PkiError> {
+    let ders = parse_pem_certs(cert_pem)?;
+    let der = ders
+        .first()
+        .ok_or_else(|| PkiError::Parse("empty bundle".to_owned()))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    Ok(info_of(&cert))
+}
+
+/// Reads every certificate of a PEM bundle.
+pub fn inspect_bundle(pem: &str) -> Result<Vec<CertInfo>, PkiError> {
+    parse_pem_certs(pem)?
+        .iter()
+        .map(|der| {
+            X509Certificate::from_der(der)
+                .map(|(_, c)| info_of(&c))
+                .map_err(|e| PkiError::Parse(e.to_string()))
+        })
+        .collect()
+}
+
+/// Checks that `cert_pem` was signed by one of the CAs in `ca_bundle_pem` and that both are
+/// valid at `now`. This is what a peer does with a certificate during the rotation overlap.
+pub fn verify(cert_pem: &str, ca_bundle_pem: &str, now: SystemTime) -> Result<CertInfo, PkiError> {
+    let ders = parse_pem_certs(cert_pem)?;
+    let der = ders
+        .first()
+        .ok_or_else(|| PkiError::Parse("empty bundle".to_owned()))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let info = info_of(&cert);
+    if !info.valid_at(now) {
+        return Err(PkiError::Expired {
+            not_before: info.not_before,
+            not_after: info.not_after,
+        });
+    }
+    for ca_der in parse_pem_certs(ca_bundle_pem)? {
+        let Ok((_, ca)) = X509Certificate::from_der(&ca_der) else {
+            continue;
+        };
+        if info_of(&ca).valid_at(now) && cert.verify_signature(Some(ca.public_key())).is_ok() {
+            return Ok(info);
+        }
+    }
+    Err(PkiError::UntrustedIssuer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(addr: &str) -> Identity {
+        Identity {
+            kind: IdentityKind::Spoke,
+            namespace: Some("edge".to_owned()),
+            name: "site-a".to_owned(),
+            tunnel_address: addr.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn issues_leaf_with_tunnel_identity() {
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate("dmvpn-ca", now, Duration::from_secs(86400 * 365))
+            .unwrap();
+        assert!(ca.info().is_ca);
+        let leaf = ca
+            .issue(&id("10.42.0.7"), now, Duration::from_secs(3600))
+            .unwrap();
+        let info = verify(&leaf.cert_pem, ca.cert_pem(), now).unwrap();
+        assert_eq!(
+            info.ip_addresses,
+            vec!["10.42.0.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(info.uris, vec!["dmvpn://spoke/edge/site-a".to_owned()]);
+        assert_eq!(info.dns_names, vec!["site-a.edge.spoke.dmvpn".to_owned()]);
+        assert!(info.ipsec_ike_eku);
+        assert!(!info.is_ca);
+        assert_eq!(info.subject_cn.as_deref(), Some("site-a"));
+        assert_eq!(
+            info.not_after.duration_since(info.not_before).unwrap(),
+            Duration::from_secs(3600)
+        );
+        // The key parses and belongs with the certificate.
+        KeyPair::from_pem(&leaf.key_pem).unwrap();
+    }
+
+    #[test]
+    fn renewal_at_two_thirds_and_overlap() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ca =
+            CertificateAuthority::generate("dmvpn-ca", t0, Duration::from_secs(86400)).unwrap();
+        let life = Duration::from_secs(3000);
+        let old = ca.issue(&id("10.42.0.2"), t0, life).unwrap();
+        let info = inspect(&old.cert_pem).unwrap();
+        assert_eq!(info.renew_at(), info.not_before + Duration::from_secs(2000));
+        assert!(!info.needs_renewal(info.not_before + Duration::from_secs(1999)));
+        let t_renew = info.not_before + Duration::from_secs(2000);
+        assert!(info.needs_renewal(t_renew));
+        let new = ca.issue(&id("10.42.0.2"), t_renew, life).unwrap();
+        // During the overlap both are accepted; after the old one expires only the new one.
+        verify(
+            &old.cert_pem,
+            ca.cert_pem(),
+            t_renew + Duration::from_secs(10),
+        )
+        .unwrap();
+        verify(
+            &new.cert_pem,
+            ca.cert_pem(),
+            t_renew + Duration::from_secs(10),
+        )
+        .unwrap();
+        let after = info.not_after + Duration::from_secs(1);
+        assert!(matches!(
+            verify(&old.cert_pem, ca.cert_pem(), after),
+            Err(PkiError::Expired { .. })
+        ));
+        verify(&new.cert_pem, ca.cert_pem(), after).unwrap();
+    }
+
+    #[test]
+    fn rejects_foreign_ca_and_accepts_bundle() {
+        let now = SystemTime::now();
+        let ca1 = CertificateAuthority::generate("one", now, Duration::from_secs(86400)).unwrap();
+        let ca2 = CertificateAuthority::generate("two", now, Duration::from_secs(86400)).unwrap();
+        let leaf = ca1
+            .issue(&id("10.0.0.9"), now, Duration::from_secs(600))
+            .unwrap();
+        assert!(matches!(
+            verify(&leaf.cert_pem, ca2.cert_pem(), now),
+            Err(PkiError::UntrustedIssuer)
+        ));
+        let bundle = format!("{}{}", ca2.cert_pem(), ca1.cert_pem());
+        verify(&leaf.cert_pem, &bundle, now).unwrap();
+        assert_eq!(inspect_bundle(&bundle).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn reload_from_pem_and_sign_csr() {
+        let now = SystemTime::now();
+        let ca =
+            CertificateAuthority::generate("dmvpn-ca", now, Duration::from_secs(86400)).unwrap();
+        let again = CertificateAuthority::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+        let node_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = CertificateParams::new(vec!["ignored.example".to_owned()])
+            .unwrap()
+            .serialize_request(&node_key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let cert = again
+            .sign_csr(&csr, &id("10.42.0.3"), now, Duration::from_secs(600))
+            .unwrap();
+        let info = verify(&cert, ca.cert_pem(), now).unwrap();
+        assert_eq!(
+            info.ip_addresses,
+            vec!["10.42.0.3".parse::<IpAddr>().unwrap()]
+        );
+        assert!(info.dns_names.iter().all(|d| d != "ignored.example"));
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(matches!(inspect("not pem"), Err(PkiError::Parse(_))));
+        assert!(CertificateAuthority::from_pem("x", "y").is_err());
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate("c", now, Duration::from_secs(86400)).unwrap();
+        assert!(matches!(
+            ca.issue(&id("10.0.0.1"), now, Duration::from_secs(2)),
+            Err(PkiError::Lifetime { .. })
+        ));
+    }
+}
