@@ -407,3 +407,130 @@ fn purge_on_shutdown_removes_the_spoke_at_the_hub() {
     assert_eq!(s.engine(sp).poll_timeout(), None);
     assert!(s.engine(sp).snapshot().shut_down);
 }
+
+#[test]
+fn snapshot_serialises_for_the_control_socket() {
+    let mut s = Sim::new();
+    let hub = s.add(hub_config(1));
+    let sp = s.add(spoke_config(2, &[1]));
+    s.run_for(secs(1));
+    // a corrupted packet: counted as a bad checksum
+    let mut bytes = s.nodes[sp].sent[0].2.to_bytes().unwrap();
+    bytes[25] ^= 0xFF;
+    s.inject(hub, ip("203.0.113.2"), &bytes);
+    let v = serde_json::to_value(s.engine(hub).snapshot()).unwrap();
+    assert_eq!(v["role"], "hub");
+    let cache = v["cache"].as_array().unwrap();
+    assert!(cache.iter().any(|e| {
+        e["type"] == "dynamic"
+            && e["prefix"] == "10.100.2.0/24"
+            && e["proto"] == "10.42.0.2"
+            && e["nbma"] == "203.0.113.2"
+            && e["expires_in"]
+                .as_u64()
+                .is_some_and(|t| t > 590 && t <= 600)
+    }));
+    assert!(
+        cache
+            .iter()
+            .any(|e| e["type"] == "local" && e["prefix"] == "10.42.0.1/32")
+    );
+    assert_eq!(v["counters"]["messages"]["registration_request"]["rx"], 1);
+    assert_eq!(v["counters"]["messages"]["registration_reply"]["tx"], 1);
+    assert_eq!(v["counters"]["drops"]["bad_checksum"], 1);
+    assert_eq!(v["counters"]["drops"]["bad_auth"], 0);
+    let v = serde_json::to_value(s.engine(sp).snapshot()).unwrap();
+    assert_eq!(v["nhs"][0]["state"], "up");
+    assert_eq!(v["nhs"][0]["proto"], "10.42.0.1");
+    assert!(
+        v["cache"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "nhs")
+    );
+    let ev = serde_json::to_value(Event::NhsUp {
+        proto: ip("10.42.0.1"),
+    })
+    .unwrap();
+    assert_eq!(ev["event"], "nhs_up");
+}
+
+#[test]
+fn too_many_prefixes_are_refused_with_code_5() {
+    let mut s = Sim::new();
+    let hub = s.add(hub_config(1));
+    let mut c = spoke_config(2, &[1]);
+    c.local_prefixes = (0..70).map(|k| net(&format!("10.101.{k}.0/24"))).collect();
+    let sp = s.add(c);
+    s.run_for(secs(1));
+    let (_, _, rep) = s.received_ops(sp, Op::RegistrationReply)[0];
+    let codes: Vec<u8> = rep
+        .mandatory()
+        .unwrap()
+        .cies
+        .iter()
+        .map(|c| c.code)
+        .collect();
+    assert_eq!(codes.len(), 71);
+    assert!(codes[..64].iter().all(|c| *c == 0));
+    assert!(
+        codes[64..]
+            .iter()
+            .all(|c| *c == cie_code::INSUFFICIENT_RESOURCES)
+    );
+    let dynamic = s
+        .engine(hub)
+        .snapshot()
+        .cache
+        .iter()
+        .filter(|e| e.kind == CacheType::Dynamic)
+        .count();
+    assert_eq!(dynamic, 64);
+}
+
+#[test]
+fn ipv6_overlay_registers_and_resolves() {
+    use dmvpn_nhrp::engine::{Config, NhsConfig, Phase, Role};
+    let mut s = Sim::new();
+    let mut h = Config::new(Role::Hub, ip("fd00:42::1"), 64, ip("198.51.100.1"));
+    h.phase = Phase::Two;
+    let hub = s.add(h);
+    let spoke = |n: u8| {
+        let mut c = Config::new(
+            Role::Spoke,
+            ip(&format!("fd00:42::{n}")),
+            64,
+            ip(&format!("203.0.113.{n}")),
+        );
+        c.phase = Phase::Two;
+        c.local_prefixes = vec![net(&format!("fd00:100:{n}::/64"))];
+        c.nhs = vec![NhsConfig {
+            tunnel_address: ip("fd00:42::1"),
+            nbma_address: ip("198.51.100.1"),
+            priority: 0,
+        }];
+        c
+    };
+    let a = s.add(spoke(2));
+    let _b = s.add(spoke(3));
+    s.run_for(secs(1));
+    assert_eq!(
+        s.engine(hub).lookup(ip("fd00:42::3")),
+        Some(ip("203.0.113.3"))
+    );
+    assert_eq!(
+        s.dp(hub).routes.get(&net("fd00:100:3::/64")),
+        Some(&ip("fd00:42::3"))
+    );
+    s.with(a, |e, now| e.resolve(now, ip("fd00:100:3::99")));
+    s.run_for(secs(1));
+    assert_eq!(
+        s.dp(a).routes.get(&net("fd00:100:3::/64")),
+        Some(&ip("fd00:42::3"))
+    );
+    assert_eq!(
+        s.dp(a).peers.get(&ip("fd00:42::3")),
+        Some(&ip("203.0.113.3"))
+    );
+}

@@ -15,6 +15,9 @@ use super::{
 };
 use crate::wire::{cie_code, error_code, flags};
 
+/// Registration CIEs accepted per client (tunnel address plus prefixes); more get code 5.
+const MAX_CIES_PER_CLIENT: usize = 64;
+
 /// What a registration CIE asks for, after validation.
 struct Requested {
     net: Option<IpNet>,
@@ -65,7 +68,15 @@ impl Engine {
         let host_conflict = existing.is_some_and(|b| b.nbma != from && (unique || b.unique));
         let mut holding_time = self.cfg.holdtime;
         let mut requested: Vec<Requested> = Vec::with_capacity(m.cies.len());
-        for cie in &m.cies {
+        for (k, cie) in m.cies.iter().enumerate() {
+            if k >= MAX_CIES_PER_CLIENT {
+                // Bounded state per client, whatever fits in a packet.
+                requested.push(Requested {
+                    net: None,
+                    code: cie_code::INSUFFICIENT_RESOURCES,
+                });
+                continue;
+            }
             let addr = cie.client_proto.unwrap_or(client);
             let len = if cie.prefix_len == 0xFF || cie.prefix_len == 0 {
                 hl
