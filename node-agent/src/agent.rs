@@ -63,10 +63,10 @@ impl Signals {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     let (listener, guard) = control::bind(&cfg.control_socket)?;
-    let (ctl_tx, ctl_rx) = mpsc::channel(16);
+    let (ctl_tx, mut ctl_rx) = mpsc::channel(16);
     let server = tokio::spawn(control::serve(listener, ctl_tx));
     let result = async {
-        let Some(nbma) = initial_nbma(&cfg, &mut signals).await? else {
+        let Some(nbma) = initial_nbma(&cfg, &mut signals, &mut ctl_rx).await? else {
             return Ok(());
         };
         let mut agent = Agent::start(cfg, nbma).await?;
@@ -82,7 +82,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 /// The local NBMA address; waits (interruptibly) for the interface to get one. `None` when a
 /// signal arrived while waiting.
-async fn initial_nbma(cfg: &Config, signals: &mut Signals) -> anyhow::Result<Option<Ipv4Addr>> {
+async fn initial_nbma(
+    cfg: &Config,
+    signals: &mut Signals,
+    ctl_rx: &mut mpsc::Receiver<control::Request>,
+) -> anyhow::Result<Option<Ipv4Addr>> {
     let name = match &cfg.nbma {
         NbmaSource::Address(IpAddr::V4(a)) => return Ok(Some(*a)),
         NbmaSource::Address(a @ IpAddr::V6(_)) => {
@@ -110,6 +114,12 @@ async fn initial_nbma(cfg: &Config, signals: &mut Signals) -> anyhow::Result<Opt
         }
         tokio::select! {
             () = tokio::time::sleep(NBMA_POLL) => {}
+            // Answer at once rather than let the CLI time out.
+            Some(req) = ctl_rx.recv() => {
+                let _ = req.reply.send(Err(format!(
+                    "the agent is starting: waiting for an IPv4 address on nbma_interface {name}"
+                )));
+            }
             sig = signals.recv() => {
                 tracing::info!("{sig} received while waiting for the NBMA address; exiting");
                 return Ok(None);

@@ -249,6 +249,35 @@ nbma_address = "198.51.100.1"
             .all(|e| e["nbma"] == "198.51.100.2" && e["protocol"] == "10.42.0.2")
     );
 
+    let counters = show(&spoke_sock, &["counters"]).unwrap();
+    assert!(
+        counters
+            .pointer("/nhrp/messages/registration_request/tx")
+            .and_then(Value::as_u64)
+            >= Some(1),
+        "{counters}"
+    );
+    assert!(
+        counters
+            .pointer("/nhrp/drops")
+            .is_some_and(Value::is_object),
+        "{counters}"
+    );
+    assert!(
+        counters
+            .pointer("/dataplane/nhrp_tx_packets")
+            .and_then(Value::as_u64)
+            >= Some(1),
+        "{counters}"
+    );
+    assert!(
+        counters
+            .pointer("/agent/control_requests")
+            .and_then(Value::as_u64)
+            >= Some(1),
+        "{counters}"
+    );
+
     let dmvpn = show(&hub_sock, &["dmvpn"]).unwrap();
     assert_eq!(dmvpn["role"], "hub");
     let peer = &dmvpn["peers"][0];
@@ -318,5 +347,134 @@ nbma_address = "198.51.100.1"
     assert!(
         err.contains("agent not running") && err.contains(spoke_sock.to_str().unwrap()),
         "{err}"
+    );
+}
+
+fn hub_config(sock: &Path) -> String {
+    format!(
+        "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\ncontrol_socket = \"{}\"\n",
+        sock.display()
+    )
+}
+
+fn dynamic_nbma(hub_sock: &Path) -> Vec<String> {
+    show(hub_sock, &["nhrp", "cache"])
+        .and_then(|c| {
+            c["entries"].as_array().map(|a| {
+                a.iter()
+                    .filter(|e| e["type"] == "dynamic")
+                    .filter_map(|e| e["nbma"].as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn nbma_interface_address_appears_then_changes() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new("b");
+    let hub_sock = lab.path("hub.sock");
+    let spoke_sock = lab.path("spoke.sock");
+    let hub_ns = lab.hub_ns().to_owned();
+    let spoke_ns = lab.spoke_ns().to_owned();
+    lab.start(&hub_ns, "hub", &hub_config(&hub_sock));
+    // The spoke starts before its underlay interface has an address.
+    must("ip", &["-n", &spoke_ns, "addr", "flush", "dev", "ul1"]);
+    lab.start(
+        &spoke_ns,
+        "spoke",
+        &format!(
+            "role = \"spoke\"\ntunnel_address = \"10.42.0.2/24\"\nnbma_interface = \"ul1\"\ncontrol_socket = \"{}\"\n[[nhs]]\ntunnel_address = \"10.42.0.1\"\nnbma_address = \"198.51.100.1\"\n",
+            spoke_sock.display()
+        ),
+    );
+
+    // While it waits, the control socket answers with an error that says why.
+    wait_for("the waiting spoke's control socket", || spoke_sock.exists());
+    let o = run(
+        AGENT,
+        &["show", "dmvpn", "--socket", spoke_sock.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("waiting for an IPv4 address on nbma_interface ul1"),
+        "{err}"
+    );
+
+    must(
+        "ip",
+        &[
+            "-n",
+            &spoke_ns,
+            "addr",
+            "add",
+            "198.51.100.2/24",
+            "dev",
+            "ul1",
+        ],
+    );
+    wait_for("registration from 198.51.100.2", || {
+        dynamic_nbma(&hub_sock) == ["198.51.100.2"]
+    });
+
+    // Renumber the underlay: the spoke purges, rebinds and registers from the new address.
+    must(
+        "ip",
+        &[
+            "-n",
+            &spoke_ns,
+            "addr",
+            "del",
+            "198.51.100.2/24",
+            "dev",
+            "ul1",
+        ],
+    );
+    must(
+        "ip",
+        &[
+            "-n",
+            &spoke_ns,
+            "addr",
+            "add",
+            "198.51.100.22/24",
+            "dev",
+            "ul1",
+        ],
+    );
+    wait_for("registration from 198.51.100.22", || {
+        dynamic_nbma(&hub_sock) == ["198.51.100.22"]
+    });
+    let dmvpn = show(&spoke_sock, &["dmvpn"]).unwrap();
+    assert_eq!(dmvpn["nbma_address"], "198.51.100.22");
+    let counters = show(&spoke_sock, &["counters"]).unwrap();
+    assert_eq!(
+        counters
+            .pointer("/agent/nbma_changes")
+            .and_then(Value::as_u64),
+        Some(1)
+    );
+    let ping = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &spoke_ns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "10.42.0.1",
+        ],
+    );
+    assert!(
+        ping.status.success(),
+        "ping after the NBMA change failed:\n{}",
+        lab.log("spoke")
     );
 }
