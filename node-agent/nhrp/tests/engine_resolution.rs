@@ -461,3 +461,104 @@ fn clear_cache_withdraws_shortcuts_only() {
         priority: 0,
     };
 }
+
+#[test]
+fn hub_hierarchy_forwards_unknown_destinations_upstream() {
+    let mut s = Sim::new();
+    // upstream hub U (.250); regional hub R (.1) registers to U; spoke a under R, spoke c
+    // under U.
+    let u = s.add(phase(hub_config(250), Phase::Two));
+    let mut rc = phase(hub_config(1), Phase::Two);
+    rc.nhs = vec![NhsConfig {
+        tunnel_address: ip("10.42.0.250"),
+        nbma_address: ip("198.51.100.250"),
+        priority: 0,
+    }];
+    let r = s.add(rc);
+    let a = s.add(phase(spoke_config(2, &[1]), Phase::Two));
+    let c = s.add(phase(spoke_config(7, &[250]), Phase::Two));
+    s.run_for(secs(1));
+    assert_eq!(
+        s.engine(u).lookup(ip("10.42.0.1")),
+        Some(ip("198.51.100.1"))
+    );
+    assert!(s.events(r).any(|e| *e
+        == Event::NhsUp {
+            proto: ip("10.42.0.250")
+        }));
+
+    s.with(a, |e, now| e.resolve(now, ip("10.100.7.9")));
+    s.run_for(secs(1));
+    let (_, to, fwd) = s.sent_ops(r, Op::ResolutionRequest)[0];
+    assert_eq!(*to, ip("198.51.100.250"), "regional hub forwards upstream");
+    assert_eq!(fwd.header.hop_count, 15);
+    let (_, to, fwd2) = s.sent_ops(u, Op::ResolutionRequest)[0];
+    assert_eq!(*to, ip("203.0.113.7"));
+    assert_eq!(fwd2.header.hop_count, 14);
+    let transit: Vec<_> = fwd2
+        .extensions
+        .iter()
+        .find_map(|e| match &e.body {
+            ExtensionBody::ForwardTransitNhs(c) => {
+                Some(c.iter().map(|c| c.client_proto).collect::<Vec<_>>())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        transit,
+        vec![Some(ip("10.42.0.1")), Some(ip("10.42.0.250"))]
+    );
+    let (_, to, _) = s.sent_ops(c, Op::ResolutionReply)[0];
+    assert_eq!(*to, ip("203.0.113.2"), "answered straight to the requester");
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.100.7.0/24")),
+        Some(&ip("10.42.0.7"))
+    );
+    assert_eq!(
+        s.dp(a).peers.get(&ip("10.42.0.7")),
+        Some(&ip("203.0.113.7"))
+    );
+}
+
+#[test]
+fn hub_relays_a_reply_back_to_its_client() {
+    let (mut s, hub, a, _b) = topology(Phase::Two);
+    // a asks; the reply is then sent (by some responder) to the hub instead of to a
+    s.with(a, |e, now| e.resolve(now, ip("10.100.3.5")));
+    let rq = s.sent_ops(a, Op::ResolutionRequest)[0].2.clone();
+    let m = rq.mandatory().unwrap();
+    let reply = dmvpn_nhrp::wire::Packet {
+        header: dmvpn_nhrp::wire::Header::ipv4(Op::ResolutionReply, 8),
+        body: dmvpn_nhrp::wire::Body::Mandatory(dmvpn_nhrp::wire::Mandatory {
+            cies: vec![dmvpn_nhrp::wire::Cie {
+                prefix_len: 24,
+                holding_time: 300,
+                client_nbma: Some(ip("203.0.113.3")),
+                client_proto: Some(ip("10.42.0.3")),
+                ..Default::default()
+            }],
+            ..m.clone()
+        }),
+        extensions: vec![dmvpn_nhrp::wire::Extension::end()],
+    };
+    s.clear_log(hub);
+    s.inject(hub, ip("198.51.100.77"), &reply.to_bytes().unwrap());
+    let (_, to, relayed) = s.sent_ops(hub, Op::ResolutionReply)[0];
+    assert_eq!(*to, ip("203.0.113.2"));
+    assert_eq!(relayed.header.hop_count, 7);
+    assert!(relayed.extensions.iter().any(|e| matches!(
+        &e.body,
+        ExtensionBody::ReverseTransitNhs(c) if c.iter().any(|c| c.client_proto == Some(ip("10.42.0.1")))
+    )));
+    s.run_for(secs(1));
+    assert_eq!(
+        s.dp(a).routes.get(&net("10.100.3.0/24")),
+        Some(&ip("10.42.0.3"))
+    );
+    // relayed by an NHS: the CIE's NBMA address is used, not the relay's
+    assert_eq!(
+        s.dp(a).peers.get(&ip("10.42.0.3")),
+        Some(&ip("203.0.113.3"))
+    );
+}

@@ -290,6 +290,19 @@ impl Config {
                 "interval, burst, global_per_second and max_pairs must all be non-zero".into(),
             ));
         }
+        // Bounds that keep every deadline computation far from Instant overflow.
+        if rl.interval > Duration::from_secs(3600) || rl.burst > 1000 {
+            return Err(ConfigError::new(
+                "redirect_limit",
+                "interval is at most 3600 s and burst at most 1000".into(),
+            ));
+        }
+        if self.negative_holdtime.is_zero() || self.negative_holdtime > Duration::from_secs(86400) {
+            return Err(ConfigError::new(
+                "negative_holdtime",
+                format!("{:?} is outside 1 s..=1 day", self.negative_holdtime),
+            ));
+        }
         Ok(())
     }
 }
