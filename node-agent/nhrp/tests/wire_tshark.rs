@@ -300,6 +300,9 @@ fn tshark_dissects_every_packet_type_cleanly() {
         assert_eq!(f[4], want_ext.join(","), "extension types: {line}");
         assert_eq!(f[5], "", "expert info: {line}");
         assert_eq!(f[6], "", "malformed: {line}");
-        assert!(f[7].starts_with("eth:ethertype:ip:gre:nhrp"), "protocol stack: {line}");
+        assert!(
+            f[7].starts_with("eth:ethertype:ip:gre:nhrp"),
+            "protocol stack: {line}"
+        );
     }
 }

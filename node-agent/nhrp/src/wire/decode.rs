@@ -141,7 +141,8 @@ fn cie(r: &mut Reader<'_>) -> Result<Cie, DecodeError> {
 }
 
 fn cie_list(r: &mut Reader<'_>) -> Result<Vec<Cie>, DecodeError> {
-    let mut cies = Vec::new();
+    // Every CIE takes at least 12 bytes, so this capacity is bounded by the input.
+    let mut cies = Vec::with_capacity((r.remaining().len() / super::CIE_FIXED_LEN).min(8));
     while !r.is_empty() {
         cies.push(cie(r)?);
     }
@@ -240,7 +241,8 @@ fn extension_body(
 /// Parses the extension part `bytes[extoff..pktsz]`.
 fn extensions(part: &[u8], extoff: usize) -> Result<Vec<Extension>, DecodeError> {
     let mut r = Reader::new(part, extoff);
-    let mut out = Vec::new();
+    // Every extension takes at least 4 bytes, so this capacity is bounded by the input.
+    let mut out = Vec::with_capacity((part.len() / 4).min(8));
     let mut ended = false;
     while !r.is_empty() {
         if ended {
