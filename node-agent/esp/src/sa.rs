@@ -34,13 +34,14 @@ const MIN_PACKET_LEN: usize = ESP_HEADROOM + 2 + ICV_LEN;
 /// Padding so that payload + padding + 2 trailer bytes is a multiple of 4 (RFC 4303 §2.4).
 #[inline]
 const fn pad_len(payload_len: usize) -> usize {
-    (4 - (payload_len + 2) % 4) % 4
+    // Wrapping is exact here: 2^64 is a multiple of 4.
+    (4 - payload_len.wrapping_add(2) % 4) % 4
 }
 
-/// Length of the ESP packet that sealing `payload_len` bytes produces.
+/// Length of the ESP packet that sealing `payload_len` bytes produces (saturating).
 #[inline]
 pub const fn sealed_len(payload_len: usize) -> usize {
-    ESP_HEADROOM + payload_len + pad_len(payload_len) + 2 + ICV_LEN
+    payload_len.saturating_add(ESP_HEADROOM + pad_len(payload_len) + 2 + ICV_LEN)
 }
 
 /// The SPI of an ESP packet, if it is long enough to have one.
