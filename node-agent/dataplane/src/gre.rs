@@ -223,12 +223,18 @@ fn read_u32(b: &[u8], off: usize) -> Option<u32> {
 /// RFC 1071 one's complement checksum of `data` (odd length padded with a zero byte).
 /// Over a packet whose checksum field is filled in correctly the result is 0.
 pub fn internet_checksum(data: &[u8]) -> u16 {
+    // 32-bit big-endian words summed into 64 bits, folded at the end: the same one's
+    // complement sum as 16-bit words (RFC 1071 §2), with half the additions.
     let mut sum: u64 = 0;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        sum += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let mut rest = words.remainder().chunks_exact(2);
+    for c in &mut rest {
         sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest.remainder() {
         sum += u64::from(u16::from_be_bytes([*last, 0]));
     }
     while sum >> 16 != 0 {
@@ -374,6 +380,17 @@ mod tests {
             let (d, off) = GreHeader::decode(&p).unwrap();
             prop_assert_eq!(d, h);
             prop_assert_eq!(&p[off..], &payload[..]);
+        }
+
+        #[test]
+        fn checksum_matches_rfc_1071_reference(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut sum: u32 = 0;
+            for c in data.chunks(2) {
+                let w = u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]);
+                sum += u32::from(w);
+                sum = (sum & 0xFFFF) + (sum >> 16);
+            }
+            prop_assert_eq!(internet_checksum(&data), !(sum as u16));
         }
 
         #[test]

@@ -207,8 +207,9 @@ fn wait_until(mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-fn config(tunnel: &str, nbma: [u8; 4], hub: bool) -> UserspaceConfig {
+fn config(tunnel: &str, tunnel6: &str, nbma: [u8; 4], hub: bool) -> UserspaceConfig {
     let mut c = UserspaceConfig::new("dmvpn0", tunnel.parse().unwrap(), Ipv4Addr::from(nbma));
+    c.addresses.push(tunnel6.parse().unwrap());
     c.gre_key = Some(42);
     c.hub = hub;
     c
@@ -256,16 +257,29 @@ fn three_nodes_hub_and_shortcut() {
         run(&["ip", "-n", ns, "link", "set", "e0", "up"]);
     }
 
-    let hub = Node::start(&nh, config("10.42.0.1/24", [198, 51, 100, 1], true));
-    let a = Node::start(&na, config("10.42.0.2/24", [198, 51, 100, 2], false));
-    let b = Node::start(&nb, config("10.42.0.3/24", [198, 51, 100, 3], false));
+    let hub = Node::start(
+        &nh,
+        config("10.42.0.1/24", "fd00:42::1/64", [198, 51, 100, 1], true),
+    );
+    let a = Node::start(
+        &na,
+        config("10.42.0.2/24", "fd00:42::2/64", [198, 51, 100, 2], false),
+    );
+    let b = Node::start(
+        &nb,
+        config("10.42.0.3/24", "fd00:42::3/64", [198, 51, 100, 3], false),
+    );
     assert_eq!(hub.run(|c| c.dp.mtu()), 1472);
 
     hub.set_neighbor("10.42.0.2", "198.51.100.2");
     hub.set_neighbor("10.42.0.3", "198.51.100.3");
+    hub.set_neighbor("fd00:42::2", "198.51.100.2");
+    hub.set_neighbor("fd00:42::3", "198.51.100.3");
     for spoke in [&a, &b] {
         spoke.set_neighbor("10.42.0.1", "198.51.100.1");
         spoke.set_route("10.42.0.0/24", "10.42.0.1");
+        // An IPv6 overlay prefix may use an IPv4 overlay next hop.
+        spoke.set_route("fd00:42::/64", "10.42.0.1");
         spoke.run(|c| c.rt.block_on(c.dp.set_nhs(vec![ip("10.42.0.1")])).unwrap());
     }
 
@@ -297,6 +311,16 @@ fn three_nodes_hub_and_shortcut() {
         }
         other => panic!("no Hairpin event at the hub: {other:?}"),
     }
+    // The same over IPv6 (GRE protocol 0x86DD, hop limit decremented by the hub).
+    assert!(
+        ping(&na, "fd00:42::3"),
+        "A cannot reach B over IPv6 through the hub"
+    );
+    let fwd6 = hub.counters().hub_forwarded_packets - fwd;
+    assert!(
+        fwd6 >= 6,
+        "IPv6 echo requests and replies forwarded by the hub, got {fwd6}"
+    );
     let miss = a.wait_event(|e| matches!(e, Event::Miss { .. }));
     assert_eq!(
         miss,

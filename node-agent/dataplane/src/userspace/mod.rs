@@ -182,8 +182,15 @@ fn open_socket(cfg: &UserspaceConfig) -> io::Result<Socket> {
     sock.set_nonblocking(true)?;
     sock.bind(&SockAddr::from(SocketAddrV4::new(cfg.local_nbma, 0)))?;
     sock.set_ttl_v4(64)?;
-    sock.set_recv_buffer_size(cfg.socket_buffer)?;
-    sock.set_send_buffer_size(cfg.socket_buffer)?;
+    // SO_*BUFFORCE (CAP_NET_ADMIN) may exceed net.core.rmem_max/wmem_max; fall back to
+    // the capped variants without it.
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(&sock, sockopt::RcvBufForce, &cfg.socket_buffer).is_err() {
+        sock.set_recv_buffer_size(cfg.socket_buffer)?;
+    }
+    if setsockopt(&sock, sockopt::SndBufForce, &cfg.socket_buffer).is_err() {
+        sock.set_send_buffer_size(cfg.socket_buffer)?;
+    }
     let got = sock.recv_buffer_size()?;
     if got < cfg.socket_buffer {
         tracing::info!(
@@ -595,6 +602,7 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
     let mut staged: Vec<Staged> = Vec::with_capacity(BATCH);
     let mut rhdrs = Mmsg::new();
     let mut shdrs = Mmsg::new();
+    let mut rx_error_logged = false;
     loop {
         let mut guard = match shared.sock.readable().await {
             Ok(g) => g,
@@ -607,7 +615,13 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
         {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "receiving on the raw GRE socket failed");
+                // Unexpected (the socket is non-blocking and reports no ICMP errors): log
+                // the first, then back off briefly so a persistent error cannot spin.
+                if !rx_error_logged {
+                    rx_error_logged = true;
+                    tracing::warn!(error = %e, "receiving on the raw GRE socket failed (logged once)");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
             Err(_would_block) => continue,
