@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, NbmaSource, Phase, Role, interface_address};
 use crate::control::{self, Command};
 use crate::kernel::Kernel;
+use crate::routes::{RouteChange, RouteLayers};
 use crate::view::{
     CacheEntryView, CacheView, ClearView, DmvpnView, NhsListView, NhsView, PeerView, TrafficView,
 };
@@ -220,14 +221,30 @@ pub struct Neighbor {
 
 /// What the loop remembers besides the engine: mirrors of what it programmed (to re-apply
 /// after a data plane restart and for `show`) and the times of state changes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Mirror {
     pub neighbors: BTreeMap<IpAddr, Neighbor>,
-    pub routes: BTreeMap<IpNet, IpAddr>,
+    /// Routes as the engine asked for them, in two layers (see routes.rs).
+    pub routes: RouteLayers,
     /// Kernel routes installed for engine routes (not the configured overlay routes).
     pub kernel_routes: BTreeSet<IpNet>,
     /// Last NhsUp/NhsDown per NHS.
     pub nhs_since: HashMap<IpAddr, Instant>,
+}
+
+impl Mirror {
+    /// An empty mirror for an engine with this configuration.
+    pub fn new(e: &engine::Config) -> Mirror {
+        Mirror {
+            neighbors: BTreeMap::new(),
+            routes: RouteLayers::new(
+                e.routes_via_nhs.iter().copied(),
+                e.nhs.iter().map(|n| n.tunnel_address),
+            ),
+            kernel_routes: BTreeSet::new(),
+            nhs_since: HashMap::new(),
+        }
+    }
 }
 
 struct Agent {
@@ -247,8 +264,9 @@ struct Agent {
 impl Agent {
     async fn start(cfg: Config, nbma: Ipv4Addr) -> anyhow::Result<Agent> {
         let now = Instant::now();
-        let engine = Engine::new(engine_config(&cfg, IpAddr::V4(nbma)), now)
-            .context("NHRP engine configuration")?;
+        let ecfg = engine_config(&cfg, IpAddr::V4(nbma));
+        let mirror = Mirror::new(&ecfg);
+        let engine = Engine::new(ecfg, now).context("NHRP engine configuration")?;
         let plane = Plane::start(&cfg, nbma).await?;
         let kernel = Kernel::open().map_err(anyhow::Error::msg)?;
         let mut agent = Agent {
@@ -258,7 +276,7 @@ impl Agent {
             kernel,
             nbma,
             started: now,
-            mirror: Mirror::default(),
+            mirror,
             counters: AgentCounters::default(),
             logged_drops: HashSet::new(),
             logged_send_errors: HashSet::new(),
@@ -391,6 +409,49 @@ impl Agent {
             && !self.cfg.overlay_routes.iter().any(|r| r.contains(prefix))
     }
 
+    /// Applies a change of the effective route to the data plane and the kernel.
+    async fn program_route(&mut self, change: RouteChange) {
+        let ifindex = self.plane.as_ref().map(|p| p.dp.ifindex());
+        match change {
+            RouteChange::Unchanged => {}
+            RouteChange::Set(prefix, next_hop) => {
+                if let Some(p) = &self.plane
+                    && let Err(e) = p.dp.set_route(prefix, next_hop).await
+                {
+                    self.dp_error(&format!("route {prefix} via {next_hop}"), &e);
+                }
+                if self.needs_kernel_route(&prefix)
+                    && !self.mirror.kernel_routes.contains(&prefix)
+                    && let Some(ifindex) = ifindex
+                {
+                    match self.kernel.route_add(prefix, ifindex).await {
+                        Ok(()) => {
+                            self.mirror.kernel_routes.insert(prefix);
+                        }
+                        Err(e) => {
+                            self.counters.kernel_route_errors += 1;
+                            tracing::warn!("{e}");
+                        }
+                    }
+                }
+            }
+            RouteChange::Del(prefix) => {
+                if let Some(p) = &self.plane
+                    && let Err(e) = p.dp.del_route(prefix).await
+                {
+                    self.dp_error(&format!("removing route {prefix}"), &e);
+                }
+                if self.mirror.kernel_routes.remove(&prefix)
+                    && let Some(ifindex) = ifindex
+                    && let Err(e) = self.kernel.route_del(prefix, ifindex).await
+                {
+                    self.counters.kernel_route_errors += 1;
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+
     fn dp_error(&mut self, what: &str, e: &dp::DataPlaneError) {
         self.counters.dataplane_errors += 1;
         tracing::warn!("data plane: {what}: {e}");
@@ -398,7 +459,6 @@ impl Agent {
 
     async fn apply(&mut self, ev: engine::Event) {
         let now = Instant::now();
-        let ifindex = self.plane.as_ref().map(|p| p.dp.ifindex());
         match ev {
             engine::Event::PeerUp { proto, nbma } => {
                 tracing::info!(peer = %proto, nbma = %nbma, "tunnel peer up");
@@ -426,41 +486,13 @@ impl Agent {
             }
             engine::Event::RouteAdd { prefix, next_hop } => {
                 tracing::info!(%prefix, via = %next_hop, "route add");
-                if let Some(p) = &self.plane
-                    && let Err(e) = p.dp.set_route(prefix, next_hop).await
-                {
-                    self.dp_error(&format!("route {prefix} via {next_hop}"), &e);
-                }
-                self.mirror.routes.insert(prefix, next_hop);
-                if self.needs_kernel_route(&prefix)
-                    && let Some(ifindex) = ifindex
-                {
-                    match self.kernel.route_add(prefix, ifindex).await {
-                        Ok(()) => {
-                            self.mirror.kernel_routes.insert(prefix);
-                        }
-                        Err(e) => {
-                            self.counters.kernel_route_errors += 1;
-                            tracing::warn!("{e}");
-                        }
-                    }
-                }
+                let change = self.mirror.routes.add(prefix, next_hop);
+                self.program_route(change).await;
             }
             engine::Event::RouteDel { prefix } => {
                 tracing::info!(%prefix, "route del");
-                if let Some(p) = &self.plane
-                    && let Err(e) = p.dp.del_route(prefix).await
-                {
-                    self.dp_error(&format!("removing route {prefix}"), &e);
-                }
-                self.mirror.routes.remove(&prefix);
-                if self.mirror.kernel_routes.remove(&prefix)
-                    && let Some(ifindex) = ifindex
-                    && let Err(e) = self.kernel.route_del(prefix, ifindex).await
-                {
-                    self.counters.kernel_route_errors += 1;
-                    tracing::warn!("{e}");
-                }
+                let change = self.mirror.routes.del(prefix);
+                self.program_route(change).await;
             }
             engine::Event::NhsUp { proto } => {
                 tracing::info!(nhs = %proto, "NHS up: registration accepted");
@@ -559,7 +591,7 @@ impl Agent {
                     tracing::warn!("data plane: neighbour {proto}: {e}");
                 }
             }
-            for (prefix, nh) in &self.mirror.routes {
+            for (prefix, nh) in &self.mirror.routes.effective_all() {
                 if let Err(e) = p.dp.set_route(*prefix, *nh).await {
                     tracing::warn!("data plane: route {prefix}: {e}");
                 }
@@ -725,7 +757,7 @@ pub fn cache_view(cfg: &Config, s: &engine::Snapshot) -> CacheView {
 fn preferred_nhs(cfg: &Config, mirror: &Mirror) -> Option<IpAddr> {
     let nhs: HashSet<IpAddr> = cfg.nhs.iter().map(|n| n.tunnel_address).collect();
     let mut via = std::iter::once(cfg.tunnel_network()).chain(cfg.overlay_routes.iter().copied());
-    via.find_map(|p| mirror.routes.get(&p).copied().filter(|nh| nhs.contains(nh)))
+    via.find_map(|p| mirror.routes.base(&p).filter(|nh| nhs.contains(nh)))
 }
 
 /// `show_nhrp_nhs` from an engine snapshot.
@@ -972,7 +1004,9 @@ priority = 5
             "local_prefixes = [\"10.1.2.0/24\"]",
             "local_prefixes = [\"172.16.2.0/24\"]",
         ));
-        let e = Engine::new(engine_config(&c, ip("198.51.100.2")), now).unwrap();
+        let ecfg = engine_config(&c, ip("198.51.100.2"));
+        let mut m = Mirror::new(&ecfg);
+        let e = Engine::new(ecfg, now).unwrap();
         let mut s = e.snapshot();
         s.nhs = vec![
             nhs_info("10.42.0.1", "198.51.100.1", NhsState::Up),
@@ -999,7 +1033,6 @@ priority = 5
             None,
             Some(20),
         ));
-        let mut m = Mirror::default();
         let t0 = now.checked_sub(Duration::from_secs(30)).unwrap_or(now);
         m.neighbors.insert(
             ip("10.42.0.1"),
@@ -1023,9 +1056,8 @@ priority = 5
             },
         );
         m.routes
-            .insert("10.42.0.0/24".parse().unwrap(), ip("10.42.0.1"));
-        m.routes
-            .insert("10.0.0.0/8".parse().unwrap(), ip("10.42.0.1"));
+            .add("10.42.0.0/24".parse().unwrap(), ip("10.42.0.1"));
+        m.routes.add("10.0.0.0/8".parse().unwrap(), ip("10.42.0.1"));
         m.nhs_since.insert(ip("10.42.0.1"), t0);
         (c, s, m)
     }
@@ -1088,9 +1120,9 @@ priority = 5
         assert!(!v.nhs[1].preferred && !v.nhs[1].registered && v.nhs[1].state == "down");
         // Fail-over: the routes now point to the backup.
         m.routes
-            .insert("10.42.0.0/24".parse().unwrap(), ip("10.42.0.254"));
+            .add("10.42.0.0/24".parse().unwrap(), ip("10.42.0.254"));
         m.routes
-            .insert("10.0.0.0/8".parse().unwrap(), ip("10.42.0.254"));
+            .add("10.0.0.0/8".parse().unwrap(), ip("10.42.0.254"));
         let v = nhs_view(&c, &s, &m);
         assert!(!v.nhs[0].preferred && v.nhs[1].preferred);
     }

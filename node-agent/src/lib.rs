@@ -6,4 +6,5 @@ pub mod config;
 pub mod control;
 pub mod kernel;
 pub mod render;
+pub mod routes;
 pub mod view;
