@@ -748,7 +748,7 @@ pub fn interface_address(name: &str, v4: bool) -> Result<Option<IpAddr>, String>
         } else if let Some(sin6) = addr.as_sockaddr_in6() {
             let ip = sin6.ip();
             // fe80::/10 cannot be an NBMA address reachable from other nodes.
-            if (ip.segments()[0] & 0xffc0) != 0xfe80 {
+            if !ip.is_unicast_link_local() {
                 return Ok(Some(IpAddr::V6(ip)));
             }
         }
