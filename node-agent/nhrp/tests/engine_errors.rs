@@ -521,3 +521,52 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn traffic_indication_only_from_our_nhs() {
+    let (mut s, _hub, a, _b) = topology();
+    let ti = |src: &str, nbma: &str| Packet {
+        header: Header::ipv4(Op::TrafficIndication, 1),
+        body: Body::Mandatory(Mandatory {
+            flags: 0,
+            request_id: 0,
+            src_nbma: Some(ip(nbma)),
+            src_nbma_sub: vec![],
+            src_proto: Some(ip(src)),
+            dst_proto: Some(ip("10.100.2.1")),
+            cies: vec![],
+            payload: sim::ipv4_head("10.100.2.1", "10.100.3.1"),
+        }),
+        extensions: vec![Extension::end()],
+    };
+    let mut c = spoke_config(2, &[1]);
+    c.phase = Phase::Three;
+    let p3 = s.add(c);
+    s.run_for(secs(1));
+    s.clear_log(p3);
+    s.inject(
+        p3,
+        ip("203.0.113.3"),
+        &ti("10.42.0.3", "203.0.113.3").to_bytes().unwrap(),
+    );
+    assert!(s.sent_ops(p3, Op::ResolutionRequest).is_empty());
+    assert_eq!(s.engine(p3).counters().dropped(DropReason::Unexpected), 1);
+    s.inject(
+        p3,
+        ip("198.51.100.1"),
+        &ti("10.42.0.1", "198.51.100.1").to_bytes().unwrap(),
+    );
+    let rq = s.sent_ops(p3, Op::ResolutionRequest);
+    assert_eq!(rq.len(), 1);
+    assert_eq!(
+        rq[0].2.mandatory().unwrap().dst_proto,
+        Some(ip("10.100.3.1"))
+    );
+    // a phase 2 spoke does not act on redirects
+    s.inject(
+        a,
+        ip("198.51.100.1"),
+        &ti("10.42.0.1", "198.51.100.1").to_bytes().unwrap(),
+    );
+    assert!(s.sent_ops(a, Op::ResolutionRequest).is_empty());
+}

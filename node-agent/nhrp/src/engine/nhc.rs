@@ -852,6 +852,19 @@ impl Engine {
             return;
         }
         let Some(m) = pkt.mandatory() else { return };
+        // Only our NHSs redirect us: a TI from elsewhere could make us resolve at will.
+        let from_nhs = self
+            .nhs
+            .iter()
+            .any(|n| n.cfg.nbma_address == from || Some(n.cfg.tunnel_address) == m.src_proto);
+        if !from_nhs {
+            self.drop_packet(
+                DropReason::Unexpected,
+                from,
+                "Traffic Indication not from one of our NHSs",
+            );
+            return;
+        }
         let Some(dst) = packet_destination(&m.payload) else {
             self.drop_packet(
                 DropReason::DecodeError,
