@@ -563,10 +563,13 @@ fn traffic_indication_only_from_our_nhs() {
         Some(ip("10.100.3.1"))
     );
     // a phase 2 spoke does not act on redirects
-    s.inject(
-        a,
-        ip("198.51.100.1"),
-        &ti("10.42.0.1", "198.51.100.1").to_bytes().unwrap(),
-    );
-    assert!(s.sent_ops(a, Op::ResolutionRequest).is_empty());
+    let mut c = spoke_config(8, &[1]);
+    c.phase = Phase::Two;
+    let p2 = s.add(c);
+    s.run_for(secs(1));
+    let bytes = ti("10.42.0.1", "198.51.100.1").to_bytes().unwrap();
+    s.inject(p2, ip("198.51.100.1"), &bytes);
+    assert!(s.sent_ops(p2, Op::ResolutionRequest).is_empty());
+    assert_eq!(s.engine(p2).counters().dropped(DropReason::Unexpected), 1);
+    let _ = a;
 }
