@@ -258,6 +258,7 @@ struct Agent {
     counters: AgentCounters,
     logged_drops: HashSet<(engine::DropReason, IpAddr)>,
     logged_send_errors: HashSet<IpAddr>,
+    logged_error_indications: HashSet<(IpAddr, u16)>,
     nbma_warned: bool,
 }
 
@@ -280,6 +281,7 @@ impl Agent {
             counters: AgentCounters::default(),
             logged_drops: HashSet::new(),
             logged_send_errors: HashSet::new(),
+            logged_error_indications: HashSet::new(),
             nbma_warned: false,
         };
         agent.program_static().await?;
@@ -530,7 +532,16 @@ impl Agent {
                 tracing::info!(%nhs, public = %public_nbma, "NAT detected: the NHS sees us at another NBMA address");
             }
             engine::Event::ErrorIndication { from_nbma, code } => {
-                tracing::warn!(from = %from_nbma, code, "NHRP Error Indication received");
+                // A peer can send these at packet rate: log each (peer, code) once.
+                if self.logged_error_indications.len() < MAX_LOGGED_DROPS
+                    && self.logged_error_indications.insert((from_nbma, code))
+                {
+                    tracing::warn!(
+                        from = %from_nbma,
+                        code,
+                        "NHRP Error Indication received (logged once per peer and code; see show counters)"
+                    );
+                }
             }
         }
     }
