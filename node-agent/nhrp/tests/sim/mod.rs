@@ -13,6 +13,8 @@ use dmvpn_nhrp::engine::{Config, Engine, Event, NhsConfig, Role};
 use dmvpn_nhrp::wire::{Op, Packet};
 use ipnet::IpNet;
 
+pub mod pcap;
+
 pub const LATENCY: Duration = Duration::from_millis(5);
 
 pub fn ip(s: &str) -> IpAddr {
