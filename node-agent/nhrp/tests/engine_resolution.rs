@@ -562,3 +562,58 @@ fn hub_relays_a_reply_back_to_its_client() {
         Some(&ip("203.0.113.3"))
     );
 }
+
+#[test]
+fn fifty_spokes_with_two_hubs_build_a_partial_mesh() {
+    let mut s = Sim::new();
+    let h1 = s.add(hub_config(1));
+    let h2 = s.add(hub_config(250));
+    let spokes: Vec<(u8, usize)> = (10..60u8)
+        .map(|n| (n, s.add(spoke_config(n, &[1, 250]))))
+        .collect();
+    s.run_for(secs(2));
+    assert_eq!(s.engine(h1).registered_clients(), 50);
+    assert_eq!(s.engine(h2).registered_clients(), 50);
+    // each spoke is redirected towards the next three
+    for (k, &(n, _)) in spokes.iter().enumerate() {
+        for d in 1..=3 {
+            let (m, _) = spokes[(k + d) % spokes.len()];
+            let (src, dst) = (format!("10.100.{n}.1"), format!("10.100.{m}.1"));
+            let head = ipv4_head(&src, &dst);
+            s.with(h1, |e, now| {
+                e.hairpinned(
+                    now,
+                    ip(&src),
+                    ip(&dst),
+                    ip(&format!("203.0.113.{n}")),
+                    &head,
+                )
+            });
+        }
+    }
+    s.run_for(secs(2));
+    for (k, &(n, i)) in spokes.iter().enumerate() {
+        for d in 1..=3 {
+            let (m, _) = spokes[(k + d) % spokes.len()];
+            assert_eq!(
+                s.dp(i).routes.get(&net(&format!("10.100.{m}.0/24"))),
+                Some(&ip(&format!("10.42.0.{m}"))),
+                "spoke {n} -> {m}"
+            );
+            assert_eq!(
+                s.engine(i).lookup(ip(&format!("10.42.0.{m}"))),
+                Some(ip(&format!("203.0.113.{m}")))
+            );
+        }
+        // and it answered the three spokes before it
+        for d in 1..=3 {
+            let (m, _) = spokes[(k + spokes.len() - d) % spokes.len()];
+            assert!(
+                s.dp(i).peers.contains_key(&ip(&format!("10.42.0.{m}"))),
+                "{n} knows {m}"
+            );
+        }
+        assert_eq!(s.engine(i).counters().resolutions_failed, 0);
+    }
+    assert_eq!(s.lost, 0);
+}
