@@ -617,3 +617,34 @@ fn fifty_spokes_with_two_hubs_build_a_partial_mesh() {
     }
     assert_eq!(s.lost, 0);
 }
+
+#[test]
+fn shortcut_peers_are_purged_on_shutdown_and_nbma_change() {
+    let (mut s, _hub, a, b) = topology(Phase::Two);
+    s.with(a, |e, now| e.resolve(now, ip("10.100.3.5")));
+    s.run_for(secs(1));
+    assert!(s.dp(b).peers.contains_key(&ip("10.42.0.2")));
+    // a moves: b forgets a's old address at once (it re-learns it on the next resolution)
+    s.change_nbma(a, ip("203.0.113.222"));
+    s.run_for(secs(1));
+    assert!(
+        !s.dp(b).peers.contains_key(&ip("10.42.0.2")),
+        "{:?}",
+        s.dp(b).peers
+    );
+    assert!(!s.dp(b).routes.contains_key(&net("10.42.0.2/32")));
+    // a resolves again from its new address; then b shuts down: a drops the shortcut now,
+    // not when it expires
+    s.with(a, |e, now| e.resolve(now, ip("10.100.3.5")));
+    s.run_for(secs(1));
+    assert_eq!(
+        s.dp(b).peers.get(&ip("10.42.0.2")),
+        Some(&ip("203.0.113.222"))
+    );
+    assert!(s.dp(a).routes.contains_key(&net("10.100.3.0/24")));
+    s.with(b, |e, now| e.shutdown(now));
+    s.run_for(secs(1));
+    assert!(!s.dp(a).routes.contains_key(&net("10.100.3.0/24")));
+    assert!(!s.dp(a).peers.contains_key(&ip("10.42.0.3")));
+    assert!(s.dp(a).peers.contains_key(&ip("10.42.0.1")));
+}

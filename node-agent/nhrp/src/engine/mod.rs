@@ -300,8 +300,8 @@ impl Engine {
     }
 
     /// Purges our registrations at each NHS (Purge Request with the N bit, request id of the
-    /// registration, as Cisco expects), withdraws every neighbour and route the engine
-    /// installed, and stops. Later inputs are ignored.
+    /// registration, as Cisco expects) and our binding at each shortcut peer, withdraws every
+    /// neighbour and route the engine installed, and stops. Later inputs are ignored.
     pub fn shutdown(&mut self, now: Instant) {
         self.advance(now);
         if self.shut_down {
@@ -311,14 +311,14 @@ impl Engine {
         for i in 0..self.nhs.len() {
             self.send_purge_to_nhs(i, nbma, true);
         }
+        self.purge_shortcut_peers(nbma);
         for net in self.shortcuts.keys() {
             self.remove_shortcut(net);
         }
         for client in self.bindings.keys().copied().collect::<Vec<_>>() {
             self.remove_binding(client, false);
         }
-        if let Some(i) = self.nhs_route.take() {
-            let _ = i;
+        if self.nhs_route.take().is_some() {
             for r in self.cfg.routes_via_nhs.clone() {
                 self.events.push_back(Event::RouteDel { prefix: r });
             }

@@ -895,11 +895,55 @@ impl Engine {
                 n.nat_nbma = None;
             }
         }
+        self.purge_shortcut_peers(old);
         for net in self.shortcuts.keys() {
             self.remove_shortcut(net);
         }
         for i in 0..self.nhs.len() {
             self.start_registration(now, i);
+        }
+    }
+
+    /// Tells every shortcut peer (not the NHSs, which get their own purge) to forget us:
+    /// Purge Request with the N bit for our tunnel address and prefixes at `old_nbma`.
+    /// Without it they would keep sending straight to an address we no longer use until
+    /// their entry expires.
+    pub(super) fn purge_shortcut_peers(&mut self, old_nbma: IpAddr) {
+        let mut peers: Vec<(IpAddr, IpAddr)> = self
+            .shortcuts
+            .iter()
+            .map(|(_, s)| (s.next_hop, s.nbma))
+            .filter(|(p, _)| !self.is_nhs_address(*p) && !self.bindings.contains_key(p))
+            .collect();
+        peers.sort();
+        peers.dedup_by_key(|(p, _)| *p);
+        if peers.is_empty() {
+            return;
+        }
+        let hl = self.host_len();
+        let mut cies = self.registration_cies(Some(old_nbma));
+        if let Some(first) = cies.first_mut() {
+            // explicit host entry: the receiver drops every shortcut through us
+            first.prefix_len = hl;
+            first.client_proto = Some(self.cfg.tunnel_address);
+        }
+        for (proto, to) in peers {
+            let id = self.next_id();
+            let mut exts = Vec::new();
+            self.finish_extensions(&mut exts);
+            let pkt = Packet {
+                header: self.header(Op::PurgeRequest, HOP_COUNT_ONE_HOP),
+                body: mandatory(
+                    flags::PURGE_N,
+                    id,
+                    Some(self.cfg.nbma_address),
+                    Some(self.cfg.tunnel_address),
+                    Some(proto),
+                    cies.clone(),
+                ),
+                extensions: exts,
+            };
+            self.send(to, &pkt);
         }
     }
 }
