@@ -136,6 +136,24 @@ fn bench(c: &mut Criterion) {
     });
     drop(s);
 
+    // Spoke side: the data plane reports a miss for a destination already being resolved
+    // (the common case while a resolution is in flight), and shortcut use.
+    let now = Instant::now();
+    let mut sp = spoke_engine(0, now);
+    drain(&mut sp);
+    let target = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
+    sp.resolve(now, target);
+    drain(&mut sp);
+    g.bench_function("spoke_resolve_already_pending", |b| {
+        b.iter(|| {
+            sp.resolve(now, black_box(target));
+            drain(&mut sp);
+        })
+    });
+    g.bench_function("spoke_traffic_no_shortcut", |b| {
+        b.iter(|| sp.traffic(now, black_box(target)))
+    });
+
     let mut s = setup(true);
     let mut i = 0usize;
     g.bench_function("resolution_answered", |b| {

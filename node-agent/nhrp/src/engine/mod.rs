@@ -792,3 +792,16 @@ fn mandatory(
 fn secs(d: u16) -> Duration {
     Duration::from_secs(u64::from(d))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ct_eq;
+
+    #[test]
+    fn password_compare() {
+        assert!(ct_eq(b"secret", b"secret"));
+        assert!(!ct_eq(b"secret", b"secreT"));
+        assert!(!ct_eq(b"secret", b"secret1"));
+        assert!(ct_eq(b"", b""));
+    }
+}

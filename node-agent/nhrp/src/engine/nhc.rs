@@ -974,3 +974,22 @@ fn packet_destination(head: &[u8]) -> Option<IpAddr> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::packet_destination;
+
+    #[test]
+    fn destination_of_redirected_packets() {
+        let mut v4 = vec![0x45u8; 20];
+        v4[16..20].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(packet_destination(&v4), Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(packet_destination(&v4[..19]), None, "truncated");
+        let mut v6 = vec![0u8; 40];
+        v6[0] = 0x60;
+        v6[24..40].copy_from_slice(&"fd00::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(packet_destination(&v6), Some("fd00::7".parse().unwrap()));
+        assert_eq!(packet_destination(&[]), None);
+        assert_eq!(packet_destination(&[0x50; 40]), None, "not IP");
+    }
+}
