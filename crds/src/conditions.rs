@@ -432,6 +432,55 @@ mod tests {
         assert!(c.message.chars().all(|ch| ch == 'é'));
     }
 
+    /// What the API server's metav1.Condition validation accepts for `type` and `reason`.
+    fn is_camel_identifier(s: &str) -> bool {
+        let b = s.as_bytes();
+        !b.is_empty()
+            && s.len() <= 316
+            && b[0].is_ascii_alphabetic()
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+    }
+
+    #[test]
+    fn types_and_reasons_are_valid_identifiers() {
+        let all = [
+            types::READY,
+            types::ADDRESS_ASSIGNED,
+            types::CERTIFICATE_READY,
+            types::REGISTERED,
+            types::ENDPOINT_READY,
+            types::DEGRADED,
+            reasons::ALL_CONDITIONS_MET,
+            reasons::RECONCILING,
+            reasons::INVALID_SPEC,
+            reasons::ADDRESS_ALLOCATED,
+            reasons::ADDRESS_STATIC,
+            reasons::POOL_EXHAUSTED,
+            reasons::ADDRESS_CONFLICT,
+            reasons::HUB_NOT_FOUND,
+            reasons::CERTIFICATE_ISSUED,
+            reasons::CA_NOT_READY,
+            reasons::CERTIFICATE_ISSUE_FAILED,
+            reasons::WAITING_FOR_ADDRESS,
+            reasons::CERTIFICATE_EXPIRED,
+            reasons::REGISTERED,
+            reasons::NOT_REGISTERED,
+            reasons::NO_NODES,
+            reasons::WAITING_FOR_AGENTS,
+            reasons::STATIC_ADDRESSES,
+            reasons::SERVICE_ADDRESS,
+            reasons::SERVICE_NOT_FOUND,
+            reasons::SERVICE_ADDRESS_PENDING,
+            reasons::HUBS_UNREACHABLE,
+            reasons::ALL_HUBS_REACHABLE,
+        ];
+        for s in all {
+            assert!(is_camel_identifier(s), "{s:?}");
+        }
+        assert!(!is_camel_identifier("Not Ready"));
+        assert!(!is_camel_identifier("9Lives"));
+    }
+
     #[test]
     fn status_parse_roundtrip() {
         for s in [
