@@ -29,7 +29,7 @@ fn peer(i: usize, kind: PeerKind) -> PeerStatus {
         state: PeerState::Up,
         name: Some(format!("spoke-{i}")),
         node: Some("node-1".into()),
-        nat_detected: i % 2 == 0,
+        nat_detected: i.is_multiple_of(2),
         since: Some(t(1_700_000_000)),
         rtt_milliseconds: Some(12),
     }
