@@ -1,9 +1,53 @@
 //! Types shared by `DmvpnHub` and `DmvpnSpoke`.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::KubeSchema;
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// Schema of `status.conditions`: the k8s-openapi `Condition` schema plus the constraints the
+/// API server applies to `metav1.Condition` in built-in types (status enum, reason and type
+/// patterns, lengths), a bound on the list, and map semantics keyed by `type` so that
+/// server-side apply merges conditions one by one.
+pub(crate) fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    let obj = schema.ensure_object();
+    obj.insert("maxItems".into(), json!(crate::conditions::MAX_CONDITIONS));
+    obj.insert("x-kubernetes-list-type".into(), json!("map"));
+    obj.insert("x-kubernetes-list-map-keys".into(), json!(["type"]));
+    if let Some(props) = obj
+        .get_mut("items")
+        .and_then(|i| i.get_mut("properties"))
+        .and_then(|p| p.as_object_mut())
+    {
+        let mut set = |field: &str, extra: serde_json::Value| {
+            if let (Some(target), Some(extra)) = (
+                props.get_mut(field).and_then(|f| f.as_object_mut()),
+                extra.as_object(),
+            ) {
+                for (k, v) in extra {
+                    target.insert(k.clone(), v.clone());
+                }
+            }
+        };
+        set("status", json!({"enum": ["True", "False", "Unknown"]}));
+        set(
+            "reason",
+            json!({"minLength": 1, "maxLength": 1024, "pattern": "^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"}),
+        );
+        set(
+            "type",
+            json!({"maxLength": 316, "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"}),
+        );
+        set(
+            "message",
+            json!({"maxLength": crate::conditions::MAX_MESSAGE_LEN}),
+        );
+        set("observedGeneration", json!({"minimum": 0}));
+    }
+    schema
+}
 
 /// An IKE SA proposal (encryption, PRF/integrity, key exchange), written as strongSwan spells
 /// it. Only key exchanges the project's IKEv2 implements are listed (ECP and Curve25519).

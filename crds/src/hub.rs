@@ -184,8 +184,7 @@ pub struct DmvpnHubStatus {
     /// `Ready` (roll-up of `AddressAssigned`, `CertificateReady`, `EndpointReady`), each with
     /// `observedGeneration`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    #[schemars(schema_with = "crate::common::conditions_schema")]
     pub conditions: Vec<Condition>,
     /// The hub's tunnel address in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]

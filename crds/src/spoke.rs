@@ -157,8 +157,7 @@ pub struct DmvpnSpokeStatus {
     /// `Ready` (roll-up of `AddressAssigned`, `CertificateReady`, `Registered`), `Degraded`,
     /// each with `observedGeneration`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    #[schemars(schema_with = "crate::common::conditions_schema")]
     pub conditions: Vec<Condition>,
     /// The spoke's tunnel address.
     #[serde(default, skip_serializing_if = "Option::is_none")]

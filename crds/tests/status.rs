@@ -146,3 +146,24 @@ fn spoke_status_is_accepted_and_bounded() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn malformed_conditions_are_rejected() {
+    let good = serde_json::to_value(hub_with_status(1)).unwrap();
+    assert!(schema_errors(&good).is_empty());
+    for (field, value) in [
+        ("status", serde_json::json!("Maybe")),
+        ("reason", serde_json::json!("")),
+        ("reason", serde_json::json!("Not Ready")),
+        ("type", serde_json::json!("has space")),
+    ] {
+        let mut bad = good.clone();
+        bad["status"]["conditions"][0][field] = value.clone();
+        let errs = schema_errors(&bad);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&format!("/status/conditions/0/{field}"))),
+            "{field}={value}: {errs:#?}"
+        );
+    }
+}
