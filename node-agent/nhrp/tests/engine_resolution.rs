@@ -648,3 +648,28 @@ fn shortcut_peers_are_purged_on_shutdown_and_nbma_change() {
     assert!(!s.dp(a).peers.contains_key(&ip("10.42.0.3")));
     assert!(s.dp(a).peers.contains_key(&ip("10.42.0.1")));
 }
+
+#[test]
+fn events_come_in_the_order_the_data_plane_needs() {
+    let (mut s, _hub, a, _b) = topology(Phase::Two);
+    s.with(a, |e, now| e.resolve(now, ip("10.100.3.5")));
+    s.run_for(secs(1));
+    s.run_for(secs(700)); // unused: expires
+    let evs: Vec<&Event> = s.events(a).collect();
+    let pos = |want: &Event| evs.iter().position(|e| *e == want).unwrap();
+    let up = pos(&Event::PeerUp {
+        proto: ip("10.42.0.3"),
+        nbma: ip("203.0.113.3"),
+    });
+    let add = pos(&Event::RouteAdd {
+        prefix: net("10.100.3.0/24"),
+        next_hop: ip("10.42.0.3"),
+    });
+    let del = pos(&Event::RouteDel {
+        prefix: net("10.100.3.0/24"),
+    });
+    let down = pos(&Event::PeerDown {
+        proto: ip("10.42.0.3"),
+    });
+    assert!(up < add && add < del && del < down, "{evs:?}");
+}

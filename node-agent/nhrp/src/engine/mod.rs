@@ -9,9 +9,14 @@
 //! let mut e = Engine::new(config, now)?;
 //! e.handle_packet(now, from_nbma, bytes);   // GRE 0x2001 payload
 //! e.handle_timeout(now);                    // once poll_timeout() has passed
-//! while let Some(t) = e.poll_transmit() { /* send t.bytes to t.dst_nbma in GRE 0x2001 */ }
 //! while let Some(ev) = e.poll_event() { /* program the data plane */ }
+//! while let Some(t) = e.poll_transmit() { /* send t.bytes to t.dst_nbma in GRE 0x2001 */ }
 //! ```
+//!
+//! Drain events before transmits: a packet may go to a peer announced by a PeerUp of the same
+//! batch (e.g. a Resolution Reply to the requester), and the shell may have to bring up the
+//! path (IPsec SA) to it first. Events come in the order their effects must be applied
+//! (PeerUp before the RouteAdd that uses it, RouteDel before PeerDown).
 //!
 //! Submodules: [`config`] (configuration and validation), `nhs` (server side: registrations,
 //! resolution answers and forwarding, purge, redirects), `nhc` (client side: registration to

@@ -539,33 +539,34 @@ impl Engine {
     fn answer_as_owner(&mut self, from: IpAddr, pkt: &Packet, own: IpNet) {
         let Some(m) = pkt.mandatory() else { return };
         let Some(src) = m.src_proto else { return };
-        let hl = self.host_len();
-        let cie = Cie {
-            code: cie_code::SUCCESS,
-            prefix_len: own.prefix_len(),
-            unused: 0,
-            mtu: self.cfg.mtu,
-            holding_time: self.cfg.holdtime,
-            preference: 0,
-            client_nbma: Some(self.cfg.nbma_address),
-            client_nbma_sub: Vec::new(),
-            client_proto: Some(self.cfg.tunnel_address),
-        };
-        let to = self.requester_nbma(from, pkt, src);
-        let nat = self.nhs.iter().find_map(|n| n.nat_nbma);
-        self.send_resolution_reply(to, pkt, cie, nat);
-        // Requester as a shortcut peer, for as long as it asked us to keep its binding.
+        // The shortcut lives as long as the shorter of the two holding times on both sides:
+        // we do not keep the requester longer than it asked, and it refreshes (at 2/3 of the
+        // time we reply with) before our entry for it expires.
         let requested_ht = m.cies.first().map_or(0, |c| c.holding_time);
         let ht = if requested_ht == 0 {
             self.cfg.holdtime
         } else {
             requested_ht.min(self.cfg.holdtime)
         };
+        let cie = Cie {
+            code: cie_code::SUCCESS,
+            prefix_len: own.prefix_len(),
+            unused: 0,
+            mtu: self.cfg.mtu,
+            holding_time: ht,
+            preference: 0,
+            client_nbma: Some(self.cfg.nbma_address),
+            client_nbma_sub: Vec::new(),
+            client_proto: Some(self.cfg.tunnel_address),
+        };
+        let to = self.requester_nbma(from, pkt, src);
+        // Requester as a shortcut peer (PeerUp before the reply that goes to it).
         let is_client = self.bindings.contains_key(&src);
         if self.tunnel_net.contains(&src) && !is_client && !self.is_nhs_address(src) {
             self.install_shortcut(host(src), src, to, ht, super::cache::Origin::Answered, src);
         }
-        let _ = hl;
+        let nat = self.nhs.iter().find_map(|n| n.nat_nbma);
+        self.send_resolution_reply(to, pkt, cie, nat);
     }
 
     /// Authoritative Resolution Reply on behalf of registered client `owner`.
