@@ -151,6 +151,17 @@ impl<P: Clone + Eq + Hash> SaDatabase<P> {
         self.outbound.get(peer)
     }
 
+    /// Direct access for a data path that seals a batch for one peer with a single lookup.
+    /// Lifetime signals raised meanwhile are queued by the next [`Self::handle_timeout`].
+    pub fn outbound_mut(&mut self, peer: &P) -> Option<&mut OutboundSa> {
+        self.outbound.get_mut(peer)
+    }
+
+    /// Direct access to an inbound SA; see [`Self::outbound_mut`] for its lifetime signals.
+    pub fn inbound_mut(&mut self, spi: u32) -> Option<&mut InboundSa> {
+        self.inbound.get_mut(&spi).map(|(_, sa)| sa)
+    }
+
     /// SPIs of the peer's inbound SAs (any order).
     pub fn inbound_spis<'a>(&'a self, peer: &'a P) -> impl Iterator<Item = u32> + 'a {
         self.inbound

@@ -629,3 +629,37 @@ fn database_time_events_and_timeout() {
     }));
     assert_eq!(db.poll_timeout(), None);
 }
+
+#[test]
+fn database_direct_access_signals_reach_the_queue() {
+    let now = Instant::now();
+    let life = Lifetime {
+        soft_packets: Some(2),
+        hard_packets: Some(4),
+        ..Lifetime::UNLIMITED
+    };
+    let sa = SecurityAssociation::new(0x999, Suite::Aes256Gcm, &[1; 36])
+        .unwrap()
+        .with_lifetime(life)
+        .unwrap();
+    let mut db: SaDatabase<u8> = SaDatabase::new();
+    db.install_outbound(7, sa.into_outbound(now).unwrap());
+    let tx = db.outbound_mut(&7).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        tx.seal_to_vec(now, 47, b"batch", &mut out).unwrap();
+    }
+    assert_eq!(db.poll_event(), None);
+    db.handle_timeout(now);
+    assert_eq!(
+        db.poll_event(),
+        Some(SaEvent::RekeyNeeded {
+            peer: 7,
+            spi: 0x999,
+            direction: Direction::Outbound,
+            limit: LimitKind::Packets
+        })
+    );
+    assert_eq!(db.poll_event(), None);
+    assert_eq!(db.totals().outbound.packets, 3);
+}
