@@ -534,3 +534,59 @@ fn ipv6_overlay_registers_and_resolves() {
         Some(&ip("203.0.113.3"))
     );
 }
+
+#[test]
+fn prefix_registered_by_two_spokes() {
+    let mut s = Sim::new();
+    let hub = s.add(hub_config(1));
+    let mut c2 = spoke_config(2, &[1]);
+    c2.local_prefixes.push(net("10.200.0.0/16"));
+    let _a = s.add(c2);
+    s.run_for(secs(1));
+    // no-unique: the later registration takes the prefix over
+    let mut c3 = spoke_config(3, &[1]);
+    c3.local_prefixes.push(net("10.200.0.0/16"));
+    let _b = s.add(c3);
+    s.run_for(secs(1));
+    assert_eq!(
+        s.dp(hub).routes.get(&net("10.200.0.0/16")),
+        Some(&ip("10.42.0.3"))
+    );
+    // unique: refused with 14 for that prefix only
+    let mut c4 = spoke_config(4, &[1]);
+    c4.registration_unique = true;
+    c4.local_prefixes.push(net("10.200.0.0/16"));
+    let d = s.add(c4);
+    s.run_for(secs(1));
+    let (_, _, rep) = s.received_ops(d, Op::RegistrationReply)[0];
+    let codes: Vec<u8> = rep
+        .mandatory()
+        .unwrap()
+        .cies
+        .iter()
+        .map(|c| c.code)
+        .collect();
+    assert_eq!(codes, vec![0, 0, cie_code::UNIQUE_ALREADY_REGISTERED]);
+    assert_eq!(
+        s.dp(hub).routes.get(&net("10.200.0.0/16")),
+        Some(&ip("10.42.0.3"))
+    );
+    assert_eq!(
+        s.dp(hub).routes.get(&net("10.100.4.0/24")),
+        Some(&ip("10.42.0.4"))
+    );
+    // a prefix covering the hub's own tunnel address is refused (code 4)
+    let mut c5 = spoke_config(5, &[1]);
+    c5.local_prefixes = vec![net("10.42.0.0/16")];
+    let e = s.add(c5);
+    s.run_for(secs(1));
+    let (_, _, rep) = s.received_ops(e, Op::RegistrationReply)[0];
+    let codes: Vec<u8> = rep
+        .mandatory()
+        .unwrap()
+        .cies
+        .iter()
+        .map(|c| c.code)
+        .collect();
+    assert_eq!(codes, vec![0, cie_code::ADMIN_PROHIBITED]);
+}

@@ -178,6 +178,17 @@ fn phase3_redirect_rate_limited_then_shortcut_both_sides() {
     assert_eq!(m.payload, head);
 
     s.run_for(secs(1));
+    // TI, request, forwarded request, reply: the shortcut is there after four one-way
+    // network delays, with no timer on the path.
+    let ti_at = s.sent_ops(hub, Op::TrafficIndication)[0].0;
+    let (added_at, _) = s.nodes[a]
+        .events
+        .iter()
+        .find(
+            |(_, e)| matches!(e, Event::RouteAdd { prefix, .. } if *prefix == net("10.100.3.0/24")),
+        )
+        .unwrap();
+    assert_eq!(added_at.duration_since(ti_at), sim::LATENCY * 4);
     // a resolved the destination of the redirected packet
     let (_, _, rq) = s.sent_ops(a, Op::ResolutionRequest)[0];
     assert_eq!(rq.mandatory().unwrap().dst_proto, Some(ip("10.100.3.5")));
