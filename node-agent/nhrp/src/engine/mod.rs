@@ -689,8 +689,12 @@ impl Engine {
     }
 
     fn start_client(&mut self, now: Instant) {
-        for i in 0..self.nhs.len() {
-            let (proto, nbma) = (self.nhs[i].cfg.tunnel_address, self.nhs[i].cfg.nbma_address);
+        let statics: Vec<(IpAddr, IpAddr)> = self
+            .nhs
+            .iter()
+            .map(|n| (n.cfg.tunnel_address, n.cfg.nbma_address))
+            .collect();
+        for (proto, nbma) in statics {
             self.peers
                 .add(proto, nbma, cache::peer_ref::NHS, &mut self.events);
         }

@@ -270,7 +270,9 @@ impl Engine {
         }
         let now = self.now;
         let hl = self.host_len();
-        let nhs_proto = self.nhs[i].cfg.tunnel_address;
+        let Some(nhs_proto) = self.nhs.get(i).map(|n| n.cfg.tunnel_address) else {
+            return;
+        };
         let me = self.cfg.tunnel_address;
         let mut rejected = None;
         for c in &m.cies {
@@ -291,7 +293,7 @@ impl Engine {
             }
         }
         let nat = nat_nbma_for_second(pkt, me);
-        let n = &mut self.nhs[i];
+        let Some(n) = self.nhs.get_mut(i) else { return };
         n.awaiting = false;
         n.timeouts = 0;
         n.last_reply = Some(now);
@@ -338,7 +340,7 @@ impl Engine {
         else {
             return;
         };
-        let n = &mut self.nhs[i];
+        let Some(n) = self.nhs.get_mut(i) else { return };
         n.awaiting = false;
         n.registered = false;
         let wait = n.reject_backoff;

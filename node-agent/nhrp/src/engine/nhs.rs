@@ -468,8 +468,11 @@ impl Engine {
             }
             return;
         }
-        if let Some(i) = self.best_nhs() {
-            let to = self.nhs[i].cfg.nbma_address;
+        if let Some(to) = self
+            .best_nhs()
+            .and_then(|i| self.nhs.get(i))
+            .map(|n| n.cfg.nbma_address)
+        {
             self.forward_request(from, pkt, raw, to);
             return;
         }

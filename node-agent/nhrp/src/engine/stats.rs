@@ -106,10 +106,14 @@ impl Stats {
         (op as usize).saturating_sub(1).min(7)
     }
     pub(crate) fn rx(&mut self, op: Op) {
-        self.msgs[Self::slot(op)].rx += 1;
+        if let Some(c) = self.msgs.get_mut(Self::slot(op)) {
+            c.rx += 1;
+        }
     }
     pub(crate) fn tx(&mut self, op: Op) {
-        self.msgs[Self::slot(op)].tx += 1;
+        if let Some(c) = self.msgs.get_mut(Self::slot(op)) {
+            c.tx += 1;
+        }
     }
     pub(crate) fn drop(&mut self, r: DropReason) {
         if let Some(c) = self.drops.get_mut(r.index()) {
@@ -124,7 +128,10 @@ impl Stats {
         Counters {
             messages: OPS
                 .iter()
-                .map(|&op| (op_name(op), self.msgs[Self::slot(op)]))
+                .map(|&op| {
+                    let c = self.msgs.get(Self::slot(op)).copied().unwrap_or_default();
+                    (op_name(op), c)
+                })
                 .collect(),
             drops: DropReason::ALL
                 .iter()
