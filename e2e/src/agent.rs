@@ -187,6 +187,13 @@ pub struct Nhs {
     pub preferred: bool,
 }
 
+impl Nhs {
+    /// Registration state "up" and the registration accepted.
+    pub fn is_up(&self) -> bool {
+        self.state == "up" && self.registered
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 struct NhsReply {
     nhs: Vec<Nhs>,
@@ -231,8 +238,9 @@ impl Snapshot {
             .is_some_and(|e| e.nbma == Some(IpAddr::V4(nbma)))
     }
 
+    /// NHSs whose registration state is "up" (and registered).
     pub fn nhs_up_count(&self) -> usize {
-        self.nhs.iter().filter(|n| n.registered).count()
+        self.nhs.iter().filter(|n| n.is_up()).count()
     }
 
     /// The NHS entry for `tunnel`.

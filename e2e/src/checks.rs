@@ -159,6 +159,19 @@ fn run_inner(lab: &mut Lab, r: &mut Report) -> Result<()> {
     // (d) purge on leave: the last spoke stops gracefully.
     let leaver = lab.spoke(n);
     let (tunnel, holdtime) = (leaver.tunnel, lab.spec.holdtime);
+    // The spoke must be in the hub cache right before it leaves, or "gone" proves nothing.
+    let present = lab
+        .hubs
+        .iter()
+        .filter(|h| h.agent_running())
+        .all(|h| h.cache().is_ok_and(|c| c.mentions(tunnel)));
+    if !r.check(
+        "purge-precondition",
+        present,
+        format!("spoke{n} ({tunnel}) is in the hub cache before it leaves"),
+    ) {
+        return Ok(());
+    }
     lab.signal_agent(Role::Spoke, n, Signal::SIGTERM)?;
     // Purge must beat expiry by far: a third of the holdtime.
     let limit = Duration::from_secs(u64::from(holdtime) / 3).max(Duration::from_secs(2));
@@ -169,7 +182,7 @@ fn run_inner(lab: &mut Lab, r: &mut Report) -> Result<()> {
         "purge",
         r.purged,
         match purge {
-            Some(d) => format!("spoke{n} ({tunnel}) gone from the hub cache {} ms after SIGTERM (holdtime {holdtime} s)", d.as_millis()),
+            Some(d) => format!("spoke{n} ({tunnel}) gone from the hub cache {:.1} ms after SIGTERM (holdtime {holdtime} s)", d.as_secs_f64() * 1000.0),
             None => format!("spoke{n} ({tunnel}) still in the hub cache {} s after SIGTERM (holdtime {holdtime} s): no purge", limit.as_secs()),
         },
     );

@@ -660,6 +660,12 @@ impl Lab {
     pub fn renumber_spoke(&mut self, i: usize, new: Ipv4Addr) -> Result<()> {
         let node = &mut self.spokes[i - 1];
         let old = format!("{}/24", node.nbma);
+        // Without promotion, deleting the primary address also deletes the new (secondary)
+        // one of the same subnet, and the interface would be left with none.
+        node.ns.sysctl(
+            &format!("net.ipv4.conf.{UNDERLAY_IF}.promote_secondaries"),
+            "1",
+        )?;
         node.ns
             .ip(&["addr", "add", &format!("{new}/24"), "dev", UNDERLAY_IF])?;
         node.ns.ip(&["addr", "del", &old, "dev", UNDERLAY_IF])?;

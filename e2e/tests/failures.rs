@@ -50,9 +50,8 @@ fn two_hubs_one_fails() {
     let ok = common::wait_until(WAIT, || {
         (1..=2).all(|s| {
             lab.spoke(s).snapshot().is_ok_and(|snap| {
-                snap.nhs(hub1)
-                    .is_some_and(|n| !n.registered && n.state != "up")
-                    && snap.nhs(hub2).is_some_and(|n| n.registered)
+                snap.nhs(hub1).is_some_and(|n| n.state == "down")
+                    && snap.nhs(hub2).is_some_and(|n| n.is_up() && n.preferred)
             })
         })
     });
