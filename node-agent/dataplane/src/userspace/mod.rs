@@ -8,13 +8,14 @@
 //! - raw socket → `recvmmsg` → outer IPv4 + GRE checks → NHRP to the agent, data to the
 //!   TUN, or (hub) re-encapsulated in place and sent to another spoke.
 //!
-//! Offloads: the TUN is opened without IFF_VNET_HDR, so it hands over packets of at most
-//! the overlay MTU, one per read. tun-rs can enable TSO/GRO on the TUN (`offload(true)`,
-//! `recv_multiple`/`send_multiple`), which would cut TUN syscalls for TCP; it is not used
-//! yet because the raw socket side has no matching segmentation offload, so every GSO
-//! segment would still be one `sendmmsg` entry. Enabling it is a local change to the TUN
-//! task (split with `recv_multiple` into the batch buffers, coalesce writes with
-//! `GROTable`).
+//! Offloads (`UserspaceConfig::offload`, default on): the TUN is opened with
+//! IFF_VNET_HDR and TSO/checksum offload, so the kernel hands over TCP super-packets of up
+//! to 64 KiB in one read; tun-rs splits them into MTU-sized segments (`recv_multiple`)
+//! straight into the batch buffers, behind our GRE headroom. In the other direction the
+//! decapsulated packets of a batch are coalesced (GRO, `send_multiple`) before they are
+//! written, so a TCP stream costs one TUN write per batch instead of one per packet. The
+//! raw socket has no segmentation offload: each segment is one `sendmmsg` entry. If the
+//! kernel refuses the offload flags, the data plane falls back to plain reads and writes.
 
 mod netlink;
 pub(crate) mod path;
@@ -41,8 +42,15 @@ use crate::{BoxFuture, Counters, DataPlane, DataPlaneError};
 use netlink::Netlink;
 use path::{HEADROOM, PathConfig, RxAction, TaskState, TunAction};
 
-/// Packets per batch (one `recvmmsg`/`sendmmsg`).
+/// Packets per receive batch on the raw socket (one `recvmmsg`).
 pub const BATCH: usize = 32;
+/// Packets per TUN batch: one offloaded read can yield up to 64 KiB / MTU segments.
+const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// The most packets one `sendmmsg` call carries.
+const MAX_SEND: usize = if TUN_BATCH > BATCH { TUN_BATCH } else { BATCH };
+/// TUN buffer per packet beyond the headroom: the MTU, but at least a jumbo frame, so an
+/// MTU raised later by hand does not truncate packets.
+const TUN_MIN_BUF: usize = 9216;
 /// Receive buffer per packet: the largest IPv4 datagram, so nothing is ever truncated.
 const RX_BUF: usize = 65_535;
 /// Outer IPv4 header without options, as the kernel builds it for our raw socket.
@@ -77,6 +85,9 @@ pub struct UserspaceConfig {
     pub manage_kernel_routes: bool,
     /// Dedupe window of Hairpin, Miss and Used events (default 1 s).
     pub dedupe_window: Duration,
+    /// TUN segmentation/coalescing offload (default true; falls back to plain I/O if the
+    /// kernel refuses it).
+    pub offload: bool,
 }
 
 impl UserspaceConfig {
@@ -95,6 +106,7 @@ impl UserspaceConfig {
             socket_buffer: 4 << 20,
             manage_kernel_routes: true,
             dedupe_window: DEDUPE_WINDOW,
+            offload: true,
         }
     }
 
@@ -142,6 +154,9 @@ struct Shared {
     counters: AtomicCounters,
     sock: AsyncFd<Socket>,
     tun: AsyncDevice,
+    /// IFF_VNET_HDR is on: every TUN read and write carries a virtio-net header.
+    offload: bool,
+    mtu: u16,
     path: PathConfig,
 }
 
@@ -216,11 +231,21 @@ impl UserspaceDataPlane {
             source,
         };
         // IFF_NO_PI is tun-rs's default on Linux (packet_information = false).
-        let tun = tun_rs::DeviceBuilder::new()
-            .name(&cfg.tun_name)
-            .mtu(mtu)
-            .build_async()
-            .map_err(tun_err)?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(&cfg.tun_name)
+                .mtu(mtu)
+                .offload(offload)
+                .build_async()
+        };
+        let (tun, offload) = match build(cfg.offload) {
+            Ok(t) => (t, cfg.offload),
+            Err(e) if cfg.offload => {
+                tracing::warn!(error = %e, "TUN offload unavailable; using plain TUN I/O");
+                (build(false).map_err(tun_err)?, false)
+            }
+            Err(e) => return Err(tun_err(e)),
+        };
         let ifindex = tun.if_index().map_err(tun_err)?;
         let netlink = Netlink::open(ifindex)?;
         netlink.configure(&cfg.addresses).await?;
@@ -237,6 +262,8 @@ impl UserspaceDataPlane {
             counters: AtomicCounters::default(),
             sock,
             tun,
+            offload,
+            mtu,
             path: PathConfig {
                 local_nbma: cfg.local_nbma,
                 key: cfg.gre_key,
@@ -253,7 +280,7 @@ impl UserspaceDataPlane {
             TaskState::new("gre-rx", tx, cfg.dedupe_window),
         ));
         tracing::info!(
-            tun = %cfg.tun_name, mtu, nbma = %cfg.local_nbma, key = ?cfg.gre_key, hub = cfg.hub,
+            tun = %cfg.tun_name, mtu, nbma = %cfg.local_nbma, key = ?cfg.gre_key, hub = cfg.hub, offload,
             "userspace data plane started"
         );
         let dp = Arc::new(Self {
@@ -412,8 +439,8 @@ struct Mmsg(MultiHeaders<SockaddrIn>);
 unsafe impl Send for Mmsg {}
 
 impl Mmsg {
-    fn new() -> Self {
-        Self(MultiHeaders::preallocate(BATCH, None))
+    fn new(n: usize) -> Self {
+        Self(MultiHeaders::preallocate(n, None))
     }
 }
 
@@ -435,11 +462,11 @@ async fn send_staged(
     staged: &[Staged],
     st: &mut TaskState,
 ) {
-    let n = staged.len().min(BATCH);
+    let n = staged.len().min(MAX_SEND);
     if n == 0 {
         return;
     }
-    let slices: [[IoSlice<'_>; 1]; BATCH] = std::array::from_fn(|i| {
+    let slices: [[IoSlice<'_>; 1]; MAX_SEND] = std::array::from_fn(|i| {
         [IoSlice::new(
             staged
                 .get(i)
@@ -447,7 +474,7 @@ async fn send_staged(
                 .unwrap_or(&[]),
         )]
     });
-    let addrs: [Option<SockaddrIn>; BATCH] = std::array::from_fn(|i| {
+    let addrs: [Option<SockaddrIn>; MAX_SEND] = std::array::from_fn(|i| {
         staged
             .get(i)
             .map(|s| SockaddrIn::from(SocketAddrV4::new(s.to, 0)))
@@ -498,45 +525,80 @@ async fn send_staged(
     }
 }
 
-/// TUN → GRE: read a batch (first read waits, the rest only drain what is queued),
-/// encapsulate in place, send with `sendmmsg`.
-async fn tun_loop(shared: Arc<Shared>, mut st: TaskState) {
-    let buf_len = HEADROOM + 65_535;
-    let mut bufs: Vec<Box<[u8]>> = (0..BATCH)
-        .map(|_| vec![0u8; buf_len].into_boxed_slice())
-        .collect();
-    let mut lens = [0usize; BATCH];
-    let mut staged: Vec<Staged> = Vec::with_capacity(BATCH);
-    let mut hdrs = Mmsg::new();
-    loop {
-        let mut n = 0;
-        for (i, buf) in bufs.iter_mut().enumerate() {
-            let Some(room) = buf.get_mut(HEADROOM..) else {
+/// Reads one batch from the TUN into `bufs[i][HEADROOM..]`, filling `lens`. Without
+/// offload the first read waits and the following ones only drain what is queued; with
+/// offload one read yields all segments of a super-packet.
+async fn read_tun_batch(
+    shared: &Shared,
+    vnet: &mut [u8],
+    bufs: &mut [Box<[u8]>],
+    lens: &mut [usize],
+    errors_logged: &mut bool,
+) -> usize {
+    if shared.offload {
+        return match shared.tun.recv_multiple(vnet, bufs, lens, HEADROOM).await {
+            Ok(n) => n,
+            Err(e) => {
+                if !*errors_logged {
+                    *errors_logged = true;
+                    tracing::warn!(error = %e, "TUN read failed (logged once)");
+                }
+                0
+            }
+        };
+    }
+    let mut n = 0;
+    for (i, (buf, len)) in bufs.iter_mut().zip(lens.iter_mut()).enumerate() {
+        let Some(room) = buf.get_mut(HEADROOM..) else {
+            break;
+        };
+        let r = if i == 0 {
+            shared.tun.recv(room).await
+        } else {
+            shared.tun.try_recv(room)
+        };
+        match r {
+            Ok(l) => {
+                *len = l;
+                n += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                if !*errors_logged {
+                    *errors_logged = true;
+                    tracing::warn!(error = %e, "TUN read failed (logged once)");
+                }
                 break;
-            };
-            let r = if i == 0 {
-                shared.tun.recv(room).await
-            } else {
-                shared.tun.try_recv(room)
-            };
-            match r {
-                Ok(len) => {
-                    if let Some(l) = lens.get_mut(i) {
-                        *l = len;
-                    }
-                    n += 1;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading from the TUN failed; retrying");
-                    if i == 0 {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    break;
-                }
             }
         }
+    }
+    n
+}
+
+/// TUN → GRE: read a batch, encapsulate in place, send with `sendmmsg`.
+async fn tun_loop(shared: Arc<Shared>, mut st: TaskState) {
+    let buf_len = HEADROOM + usize::from(shared.mtu).max(TUN_MIN_BUF);
+    let mut bufs: Vec<Box<[u8]>> = (0..TUN_BATCH)
+        .map(|_| vec![0u8; buf_len].into_boxed_slice())
+        .collect();
+    let mut lens = vec![0usize; TUN_BATCH];
+    // Offload: the raw read (virtio-net header + up to 64 KiB) before segmentation.
+    let mut vnet = vec![
+        0u8;
+        if shared.offload {
+            tun_rs::VIRTIO_NET_HDR_LEN + 65_535
+        } else {
+            0
+        }
+    ];
+    let mut staged: Vec<Staged> = Vec::with_capacity(TUN_BATCH);
+    let mut hdrs = Mmsg::new(TUN_BATCH);
+    let mut errors_logged = false;
+    loop {
+        let n = read_tun_batch(&shared, &mut vnet, &mut bufs, &mut lens, &mut errors_logged).await;
         if n == 0 {
+            // Only after an error: do not spin on a persistent one.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
         staged.clear();
@@ -600,8 +662,18 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
     let mut lens = [0usize; BATCH];
     let mut actions = [RxAction::Skip; BATCH];
     let mut staged: Vec<Staged> = Vec::with_capacity(BATCH);
-    let mut rhdrs = Mmsg::new();
-    let mut shdrs = Mmsg::new();
+    let mut rhdrs = Mmsg::new(BATCH);
+    let mut shdrs = Mmsg::new(BATCH);
+    // Offload: inner packets behind room for the virtio-net header, coalesced by GRO.
+    let vhl = tun_rs::VIRTIO_NET_HDR_LEN;
+    let mut tun_out: Vec<Vec<u8>> = if shared.offload {
+        (0..BATCH)
+            .map(|_| Vec::with_capacity(vhl + RX_BUF))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut gro = tun_rs::GROTable::new();
     let mut rx_error_logged = false;
     loop {
         let mut guard = match shared.sock.readable().await {
@@ -643,6 +715,7 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
                 };
             }
         }
+        let (mut n_out, mut out_bytes) = (0usize, 0u64);
         for (i, action) in actions.iter().take(n).enumerate() {
             match *action {
                 RxAction::Skip => {}
@@ -656,6 +729,16 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
                     let Some(pkt) = bufs.get(i).and_then(|b| b.get(start..end)) else {
                         continue;
                     };
+                    if shared.offload {
+                        if let Some(out) = tun_out.get_mut(n_out) {
+                            out.clear();
+                            out.resize(vhl, 0);
+                            out.extend_from_slice(pkt);
+                            n_out += 1;
+                            out_bytes += pkt.len() as u64;
+                        }
+                        continue;
+                    }
                     let r = match shared.tun.try_send(pkt) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             shared.tun.send(pkt).await
@@ -670,6 +753,17 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
                         Err(e) => st.drop_pkt(DropReason::TunWriteError, None, &e),
                     }
                 }
+            }
+        }
+        if n_out > 0 {
+            let out = tun_out.get_mut(..n_out).unwrap_or_default();
+            match shared.tun.send_multiple(&mut gro, out, vhl).await {
+                Ok(_) => {
+                    st.batch.add(Field::TunTxPackets, n_out as u64);
+                    st.batch.add(Field::TunTxBytes, out_bytes);
+                }
+                // tun-rs reports the last failed write of the batch; count one drop.
+                Err(e) => st.drop_pkt(DropReason::TunWriteError, None, &e),
             }
         }
         send_staged(&shared, &mut shdrs, &bufs, &staged, &mut st).await;

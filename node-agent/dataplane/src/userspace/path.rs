@@ -112,8 +112,17 @@ pub(crate) fn inner_addrs(p: &[u8]) -> Option<(u16, IpAddr, IpAddr)> {
     }
 }
 
-/// Decrements the TTL / hop limit of an IP packet. Returns false if it would reach zero
-/// (the packet must not be forwarded).
+/// Whether a router may forward the packet: TTL / hop limit above 1.
+fn ttl_allows_forwarding(p: &[u8]) -> bool {
+    match p.first().map(|b| b >> 4) {
+        Some(4) => p.get(8).is_some_and(|t| *t > 1),
+        Some(6) => p.get(7).is_some_and(|h| *h > 1),
+        _ => false,
+    }
+}
+
+/// Decrements the TTL / hop limit of an IP packet (IPv4: and fixes the header checksum).
+/// Returns false, leaving the packet unchanged, if it must not be forwarded.
 fn decrement_ttl(p: &mut [u8]) -> bool {
     match p.first().map(|b| b >> 4) {
         Some(4) => {
@@ -371,16 +380,18 @@ pub(crate) fn rx_packet(
             let Some(inner) = buf.get_mut(inner_start..total) else {
                 return RxAction::Skip;
             };
-            if !decrement_ttl(inner) {
+            if !ttl_allows_forwarding(inner) {
                 // TTL expired: let the kernel answer with ICMP time exceeded.
                 return to_tun;
             }
+            // The head is taken before the TTL changes: it is what the spoke sent.
             let head = if st.hairpin.allow((isrc, idst), now) {
                 Some(inner.get(..HAIRPIN_HEAD_LEN).unwrap_or(inner).to_vec())
             } else {
                 st.suppressed();
                 None
             };
+            decrement_ttl(inner);
             let out = GreHeader::with_key(proto, cfg.key);
             // The old outer IPv4 + GRE headers (at least 24 bytes) leave room for ours.
             let Some(start) = inner_start.checked_sub(out.len()) else {
@@ -585,6 +596,7 @@ mod tests {
                 assert_eq!((src, dst), (ip("10.42.0.2"), ip("10.42.0.3")));
                 assert_eq!(ingress_nbma, ip("198.51.100.2"));
                 assert_eq!(head.len(), inner.len().min(HAIRPIN_HEAD_LEN));
+                assert_eq!(&head[..], &inner[..head.len()], "head as the spoke sent it");
             } else {
                 assert!(rx.try_recv().is_err(), "deduplicated");
             }
@@ -602,6 +614,19 @@ mod tests {
             }
         );
         assert_eq!(&buf[28..], &inner[..]);
+        // TTL 1: not forwarded; the hub's kernel gets it (and answers time exceeded).
+        let inner = icmp([10, 42, 0, 2], [10, 42, 0, 3], 1);
+        let gre = GreHeader::with_key(gre::PROTO_IPV4, Some(42)).to_packet(&inner);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        let a = rx_packet(&cfg, &t.load(), &mut buf, now, &mut st);
+        assert_eq!(
+            a,
+            RxAction::Tun {
+                start: 28,
+                end: buf.len()
+            }
+        );
+        assert_eq!(&buf[28..], &inner[..], "unchanged");
         // Back to the sender: a loop.
         let inner = icmp([10, 42, 0, 3], [10, 42, 0, 2], 64);
         let gre = GreHeader::with_key(gre::PROTO_IPV4, Some(42)).to_packet(&inner);
