@@ -18,6 +18,24 @@
 //! path (IPsec SA) to it first. Events come in the order their effects must be applied
 //! (PeerUp before the RouteAdd that uses it, RouteDel before PeerDown).
 //!
+//! Behaviour in brief:
+//!
+//! | what | when |
+//! |---|---|
+//! | registration to every NHS (parallel) | at start, then every holdtime/3; after NBMA change |
+//! | registration retry (same request id) | 1, 2, 4, ... 64 s; NHS down after 3 timeouts, still probed |
+//! | retry after a rejection (e.g. code 14) | 1, 2, 4, ... 64 s, new request id each time |
+//! | resolution retry (same request id) | +1, +2, +4 s via another NHS if one is not down, then negative for `negative_holdtime` |
+//! | shortcut refresh | at 2/3 of its holding time if used since the last refresh; idle ones expire |
+//! | Traffic Indication | at most `redirect_limit.burst` per `interval` per (source, destination) |
+//!
+//! A hub forwards a Resolution Request for a client's address or prefix to that client (which
+//! answers the requester directly and adds it as a peer, so both directions get the shortcut),
+//! unless `answer_for_clients` is set; it forwards what it does not know to its own NHS (hub
+//! hierarchy) or answers negatively. When a client's binding changes NBMA address or goes
+//! away, the hub purges it at the requesters it told. A spoke purges its registrations at each
+//! NHS and its binding at each shortcut peer on shutdown and NBMA change.
+//!
 //! Submodules: [`config`] (configuration and validation), `nhs` (server side: registrations,
 //! resolution answers and forwarding, purge, redirects), `nhc` (client side: registration to
 //! each NHS, resolution, shortcuts), `cache` (tables and timers), `ratelimit` (Traffic
