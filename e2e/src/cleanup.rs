@@ -22,6 +22,8 @@ struct Tracked {
     child: Child,
     /// Signal that makes this process exit cleanly (SIGINT for tcpdump flushes its file).
     stop_signal: Signal,
+    /// Stopped after the others (a capture records the agents' leave traffic).
+    last: bool,
 }
 
 #[derive(Default)]
@@ -106,8 +108,16 @@ pub fn track(owner: u64, label: &str, child: Child, stop_signal: Signal) -> u32 
         label: label.to_string(),
         child,
         stop_signal,
+        last: false,
     });
     pid
+}
+
+/// Stop this tracked process only after all others of its owner (used for captures).
+pub fn mark_last(pid: u32) {
+    if let Some(t) = registry().procs.iter_mut().find(|t| t.child.id() == pid) {
+        t.last = true;
+    }
 }
 
 /// Is the tracked process `pid` still running? (Reaps it if it has exited.)
@@ -261,7 +271,13 @@ fn cleanup_where(pred: impl Fn(u64) -> bool) {
             mine_dirs,
         )
     };
-    stop_tracked(procs, Duration::from_secs(3));
+    let (last, first): (Vec<_>, Vec<_>) = procs.into_iter().partition(|t| t.last);
+    stop_tracked(first, Duration::from_secs(3));
+    if !last.is_empty() {
+        // Let the last packets reach the capture file before it stops.
+        thread::sleep(Duration::from_millis(500));
+        stop_tracked(last, Duration::from_secs(3));
+    }
     delete_netns(&netns);
     for (_, d) in dirs {
         let _ = std::fs::remove_dir_all(d);

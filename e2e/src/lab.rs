@@ -360,6 +360,7 @@ impl Lab {
             &[],
             Signal::SIGINT,
         )?;
+        cleanup::mark_last(pid);
         self.capture_pid = Some(pid);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

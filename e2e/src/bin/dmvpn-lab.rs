@@ -152,7 +152,13 @@ fn up(args: &LabArgs, interval: u64) -> Result<ExitCode> {
             .unwrap_or_default(),
         dmvpn_e2e::lab::spoke_lan_host(n.min(2))
     );
+    eprintln!(
+        "     {} show nhrp cache --socket {}",
+        lab.spec.agent.display(),
+        lab.spoke(1).socket.display()
+    );
     let hub = lab.hub(1);
+    let started = Instant::now();
     loop {
         for h in &lab.hubs {
             let out = std::process::Command::new(&lab.spec.agent)
@@ -160,7 +166,11 @@ fn up(args: &LabArgs, interval: u64) -> Result<ExitCode> {
                 .arg(&h.socket)
                 .output()
                 .with_context(|| format!("cannot run {}", lab.spec.agent.display()))?;
-            println!("===== {} `show dmvpn` =====", h.label);
+            println!(
+                "===== {} `show dmvpn` (lab up {} s) =====",
+                h.label,
+                started.elapsed().as_secs()
+            );
             print!("{}", String::from_utf8_lossy(&out.stdout));
             if !out.status.success() {
                 print!("{}", String::from_utf8_lossy(&out.stderr));
