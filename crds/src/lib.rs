@@ -1,7 +1,8 @@
 //! Kubernetes API types of kube-dmvpn: `DmvpnHub` and `DmvpnSpoke`
 //! (group [`GROUP`], version [`VERSION`], both cluster-scoped), the condition helpers the
 //! operator uses to fill their status, the RBAC the operator needs ([`rbac::REQUIRED`]) and the
-//! CRD YAML generator ([`generate`]).
+//! CRD YAML generator ([`generate`]). With the feature `validation`, `validation` checks
+//! objects against the CRDs' schema and CEL rules as the API server would.
 //!
 //! The objects are cluster-scoped because they select nodes and program host networking;
 //! certificate and CA secrets live in the operator namespace ([`OPERATOR_NAMESPACE`]).
@@ -12,6 +13,8 @@ pub mod generate;
 pub mod hub;
 pub mod rbac;
 pub mod spoke;
+#[cfg(feature = "validation")]
+pub mod validation;
 
 pub use common::{
     CertificateStatus, EspProposal, IkeProposal, IpsecProfile, NodeSelection, NodeSelectionMode,
