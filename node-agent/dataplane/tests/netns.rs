@@ -457,6 +457,40 @@ fn scenario(lab: Lab) {
     let show = run(&["ip", "-n", na, "route", "show", "10.1.3.0/24"]);
     assert!(String::from_utf8_lossy(&show.stdout).trim().is_empty());
 
+    // An overlay default route never displaces the underlay's: it has its own metric.
+    run(&[
+        "ip",
+        "-n",
+        na,
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.51.100.1",
+        "dev",
+        "e0",
+    ]);
+    a.set_route("0.0.0.0/0", "10.42.0.1");
+    let show = run(&["ip", "-n", na, "route", "show", "default"]);
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(
+        show.contains("via 198.51.100.1 dev e0"),
+        "underlay default kept: {show}"
+    );
+    assert!(
+        show.contains("dev dmvpn0") && show.contains("metric 1000"),
+        "{show}"
+    );
+    let get = run(&["ip", "-n", na, "route", "get", "203.0.113.9"]);
+    assert!(String::from_utf8_lossy(&get.stdout).contains("dev e0"));
+    a.del_route("0.0.0.0/0");
+    let show = run(&["ip", "-n", na, "route", "show", "default"]);
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(
+        show.contains("dev e0") && !show.contains("dmvpn0"),
+        "{show}"
+    );
+
     // Wrong GRE key: a raw packet from A's namespace with key 7 carrying a ping to the hub.
     let before = hub.counters();
     a.run(|_| {

@@ -85,6 +85,11 @@ pub struct UserspaceConfig {
     pub manage_kernel_routes: bool,
     /// Dedupe window of Hairpin, Miss and Used events (default 1 s).
     pub dedupe_window: Duration,
+    /// Metric of those kernel routes (default 1000). An existing route for the same prefix
+    /// with a lower metric, such as the underlay default route, is left alone and keeps
+    /// precedence: overlay routes must never capture the NBMA addresses (recursive
+    /// routing).
+    pub kernel_route_metric: u32,
     /// TUN segmentation/coalescing offload (default true; falls back to plain I/O if the
     /// kernel refuses it).
     pub offload: bool,
@@ -106,6 +111,7 @@ impl UserspaceConfig {
             socket_buffer: 4 << 20,
             manage_kernel_routes: true,
             dedupe_window: DEDUPE_WINDOW,
+            kernel_route_metric: 1000,
             offload: true,
         }
     }
@@ -247,7 +253,7 @@ impl UserspaceDataPlane {
             Err(e) => return Err(tun_err(e)),
         };
         let ifindex = tun.if_index().map_err(tun_err)?;
-        let netlink = Netlink::open(ifindex)?;
+        let netlink = Netlink::open(ifindex, cfg.kernel_route_metric)?;
         netlink.configure(&cfg.addresses).await?;
         let sock = open_socket(&cfg).map_err(|source| DataPlaneError::Socket { source })?;
         // SAFETY: the socket2 `Socket` owns its descriptor, which stays open and unchanged

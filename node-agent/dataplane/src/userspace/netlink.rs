@@ -11,6 +11,7 @@ use crate::DataPlaneError;
 pub(crate) struct Netlink {
     handle: Handle,
     ifindex: u32,
+    metric: u32,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,13 +34,14 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 
 impl Netlink {
     /// Opens a netlink connection in the current network namespace.
-    pub(crate) fn open(ifindex: u32) -> Result<Self, DataPlaneError> {
+    pub(crate) fn open(ifindex: u32, metric: u32) -> Result<Self, DataPlaneError> {
         let (conn, handle, _) = rtnetlink::new_connection()
             .map_err(|e| DataPlaneError::Netlink(format!("cannot open a netlink socket: {e}")))?;
         let task = tokio::spawn(conn);
         Ok(Self {
             handle,
             ifindex,
+            metric,
             task,
         })
     }
@@ -77,6 +79,10 @@ impl Netlink {
             .destination_prefix(prefix.addr(), prefix.prefix_len())
             .map_err(|e| DataPlaneError::Netlink(format!("route {prefix}: {e}")))?
             .output_interface(self.ifindex)
+            // Our own metric: "replace" then only ever replaces our route, never an
+            // existing underlay route for the same prefix (e.g. the default route), which
+            // keeps its lower metric and wins.
+            .priority(self.metric)
             .build())
     }
 

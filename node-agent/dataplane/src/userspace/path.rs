@@ -152,6 +152,14 @@ fn decrement_ttl(p: &mut [u8]) -> bool {
     }
 }
 
+/// Multicast, broadcast or IPv6 link-local destinations.
+fn is_link_scope(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
+    }
+}
+
 fn v4(a: IpAddr) -> Option<Ipv4Addr> {
     match a {
         IpAddr::V4(a) => Some(a),
@@ -214,11 +222,17 @@ pub(crate) fn tun_packet(
             return TunAction::Skip;
         }
         Lookup::NoRoute => {
-            st.drop_pkt(
-                DropReason::NoRoute,
-                None,
-                &format_args!("no overlay route to {dst}"),
-            );
+            if is_link_scope(dst) {
+                // IPv6 neighbour discovery, MLD, multicast the kernel sends on any link:
+                // counted, not worth a warning.
+                st.batch.drop(DropReason::NoRoute);
+            } else {
+                st.drop_pkt(
+                    DropReason::NoRoute,
+                    None,
+                    &format_args!("no overlay route to {dst}"),
+                );
+            }
             return TunAction::Skip;
         }
     };
