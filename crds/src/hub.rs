@@ -48,7 +48,7 @@ pub(crate) fn default_network_id() -> u32 {
     validation = Rule::new("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("a DmvpnHub name must be a DNS label (at most 63 characters of a-z, 0-9 and '-'): it names the hub's certificate and secret")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.tunnelAddress) || cidr(self.tunnelNetwork).containsIP(self.tunnelAddress)").message("tunnelAddress must lie inside tunnelNetwork"))]
+#[x_kube(validation = Rule::new("!has(self.tunnelAddress) || (cidr(self.tunnelNetwork).containsIP(self.tunnelAddress) && ip(self.tunnelAddress) != cidr(self.tunnelNetwork).ip())").message("tunnelAddress must lie inside tunnelNetwork and must not be its network address"))]
 pub struct DmvpnHubSpec {
     /// IPv4 tunnel (overlay) network, e.g. `10.42.0.0/24`. Immutable: spokes hold addresses
     /// from it; to renumber, create a new DmvpnHub.

@@ -127,6 +127,53 @@ pub fn verbs_for(api_group: &str, resource: &str) -> Vec<&'static str> {
     v
 }
 
+/// One kind of API call the operator makes: `verb` on `resource` of `api_group` in `scope`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Access<'a> {
+    pub scope: Scope,
+    pub api_group: &'a str,
+    pub resource: &'a str,
+    pub verb: &'a str,
+}
+
+/// The calls in `used` that [`REQUIRED`] does not grant (the operator would get 403s).
+pub fn not_granted<'a>(used: &[Access<'a>]) -> Vec<Access<'a>> {
+    let mut v: Vec<Access<'a>> = used
+        .iter()
+        .filter(|a| !allows(a.scope, a.api_group, a.resource, a.verb))
+        .copied()
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The grants in [`REQUIRED`] that no call in `used` needs (more privilege than used).
+pub fn not_used(used: &[Access<'_>]) -> Vec<Access<'static>> {
+    let mut v = Vec::new();
+    for perm in REQUIRED {
+        for verb in perm.verbs {
+            let needed = used.iter().any(|a| {
+                a.scope == perm.scope
+                    && a.api_group == perm.api_group
+                    && a.resource == perm.resource
+                    && a.verb == *verb
+            });
+            if !needed {
+                v.push(Access {
+                    scope: perm.scope,
+                    api_group: perm.api_group,
+                    resource: perm.resource,
+                    verb,
+                });
+            }
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +188,42 @@ mod tests {
             vec!["create", "get", "update"]
         );
         assert!(verbs_for("", "pods").is_empty());
+    }
+
+    #[test]
+    fn used_versus_granted() {
+        let all: Vec<Access> = REQUIRED
+            .iter()
+            .flat_map(|p| {
+                p.verbs.iter().map(|v| Access {
+                    scope: p.scope,
+                    api_group: p.api_group,
+                    resource: p.resource,
+                    verb: v,
+                })
+            })
+            .collect();
+        assert!(not_granted(&all).is_empty());
+        assert!(not_used(&all).is_empty());
+
+        let pods = Access {
+            scope: Scope::Cluster,
+            api_group: "",
+            resource: "pods",
+            verb: "list",
+        };
+        assert_eq!(not_granted(&[pods]), vec![pods]);
+        // secrets granted only in the operator namespace
+        let cluster_secrets = Access {
+            scope: Scope::Cluster,
+            api_group: "",
+            resource: "secrets",
+            verb: "get",
+        };
+        assert_eq!(not_granted(&[cluster_secrets]), vec![cluster_secrets]);
+        let unused = not_used(&all[1..]);
+        assert_eq!(unused.len(), 1);
+        assert_eq!(unused[0], all[0]);
     }
 
     #[test]
