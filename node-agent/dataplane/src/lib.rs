@@ -9,6 +9,35 @@
 //! A kernel data plane (an rtnetlink multipoint `gre` link, kernel neighbour entries for
 //! the NBMA mappings, kernel routes, and XFRM for IPsec) implements the same trait; the
 //! agent chooses one at run time and holds it as `Arc<dyn DataPlane>`.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use dmvpn_dataplane::{DataPlane, Event, UserspaceConfig, UserspaceDataPlane};
+//!
+//! # async fn agent() -> Result<(), dmvpn_dataplane::DataPlaneError> {
+//! let mut cfg = UserspaceConfig::new(
+//!     "dmvpn0",
+//!     "10.42.0.2/24".parse().unwrap(),
+//!     "198.51.100.2".parse().unwrap(),
+//! );
+//! cfg.gre_key = Some(42);
+//! let (dp, mut events) = UserspaceDataPlane::start(cfg).await?;
+//! let dp: Arc<dyn DataPlane> = dp;
+//! // Spoke: the hub is an NHS and the tunnel network is reached through it.
+//! dp.set_neighbor("10.42.0.1".parse().unwrap(), "198.51.100.1".parse().unwrap()).await?;
+//! dp.set_route("10.42.0.0/24".parse().unwrap(), "10.42.0.1".parse().unwrap()).await?;
+//! dp.set_nhs(vec!["10.42.0.1".parse().unwrap()]).await?;
+//! while let Some(ev) = events.recv().await {
+//!     match ev {
+//!         Event::Nhrp { from_nbma, bytes } => { /* engine.handle_packet(now, from_nbma, &bytes) */ }
+//!         Event::Miss { dst, .. } => { /* phase 2: engine.resolve(now, dst) */ }
+//!         Event::Used { dst, .. } => { /* engine.traffic(now, dst) */ }
+//!         Event::Hairpin { src, dst, ingress_nbma, head } => { /* engine.hairpinned(..) */ }
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod counters;
 pub mod events;
