@@ -663,3 +663,38 @@ fn database_direct_access_signals_reach_the_queue() {
     assert_eq!(db.poll_event(), None);
     assert_eq!(db.totals().outbound.packets, 3);
 }
+
+#[test]
+fn esp_in_udp_4500_roundtrip() {
+    use dmvpn_esp::udp::{
+        NAT_KEEPALIVE, NAT_T_PORT, UDP_HEADER_LEN, Udp4500, classify_udp_4500, parse_udp,
+        write_non_esp_marker, write_udp_header,
+    };
+    let now = Instant::now();
+    let (mut tx, mut rx) = pair(Suite::ChaCha20Poly1305, true, Lifetime::UNLIMITED, now);
+    // Seal with room for the UDP header in front, then add it: one buffer, no copies.
+    let gre = gre(300);
+    let mut buf = vec![0u8; UDP_HEADER_LEN + sealed_len(gre.len())];
+    let at = UDP_HEADER_LEN + ESP_HEADROOM;
+    buf[at..at + gre.len()].copy_from_slice(&gre);
+    let n = tx
+        .seal_in_place(now, 47, &mut buf[UDP_HEADER_LEN..], gre.len())
+        .unwrap();
+    write_udp_header(&mut buf, NAT_T_PORT, NAT_T_PORT, n).unwrap();
+
+    let (h, payload) = parse_udp(&buf).unwrap();
+    assert_eq!((h.dst_port, usize::from(h.length)), (4500, n + 8));
+    let Ok(Udp4500::Esp(esp)) = classify_udp_4500(payload) else {
+        panic!("not classified as ESP");
+    };
+    let mut esp = esp.to_vec();
+    let o = rx.open_in_place(now, &mut esp).unwrap();
+    assert_eq!(&esp[o.payload], &gre[..]);
+
+    // IKE on the same port carries the marker; keepalives are one 0xFF byte.
+    let mut ike = vec![0u8; 4 + 28];
+    ike[4..].fill(0xAB);
+    write_non_esp_marker(&mut ike).unwrap();
+    assert_eq!(classify_udp_4500(&ike), Ok(Udp4500::Ike(&ike[4..])));
+    assert_eq!(classify_udp_4500(&NAT_KEEPALIVE), Ok(Udp4500::Keepalive));
+}
