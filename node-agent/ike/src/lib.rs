@@ -1,1 +1,38 @@
-//! (being built)
+//! IKEv2 (RFC 7296) for DMVPN tunnels, sans-IO.
+//!
+//! [`Endpoint`] holds every IKE SA of a node. It owns no socket and reads no clock (except
+//! the wall clock for certificate validity): the caller feeds it datagrams
+//! ([`Endpoint::handle_datagram`]) and timeouts ([`Endpoint::handle_timeout`] once
+//! [`Endpoint::poll_timeout`] has passed), issues commands ([`Endpoint::initiate`],
+//! [`Endpoint::delete`], [`Endpoint::rekey_child`], [`Endpoint::rekey_ike`]) and drains
+//! [`Endpoint::poll_transmit`] and [`Endpoint::poll_event`] after each call.
+//!
+//! Supported: IKE_SA_INIT with X25519 and P-256, AES-GCM/ChaCha20-Poly1305 SK payloads,
+//! HMAC-SHA-256/384 PRF, NAT detection and the move to port 4500, cookies when half-open
+//! SAs pile up, IKE fragmentation (RFC 7383), IKE_AUTH with a PSK or with certificates
+//! (RFC 7427 ECDSA P-256/SHA-256 and Ed25519, chained to a configured CA), one CHILD SA per
+//! IKE SA in transport mode for GRE between the NBMA addresses (keys in [`ChildSaKeys`] for
+//! `dmvpn_esp`), INFORMATIONAL delete and liveness, retransmission with backoff, and
+//! CREATE_CHILD_SA rekeying.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic
+    )
+)]
+
+pub mod auth;
+mod config;
+pub mod crypto;
+mod endpoint;
+pub mod wire;
+
+pub use auth::{CredentialError, Identity};
+pub use config::{AuthConfig, ChildMode, Config, ConfigError};
+pub use crypto::{DhGroup, Encr, Prf};
+pub use endpoint::{
+    ChildSaKeys, CommandError, Endpoint, Event, FailReason, IKE_PORT, NAT_T_PORT, Stats, Transmit,
+};

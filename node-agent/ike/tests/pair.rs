@@ -1,0 +1,332 @@
+//! Two endpoints of this crate talking to each other through an in-memory "network".
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use dmvpn_ike::{AuthConfig, ChildMode, Config, Endpoint, Event, FailReason, Identity, Transmit};
+use zeroize::Zeroizing;
+
+const A: &str = "198.51.100.1";
+const B: &str = "198.51.100.2";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn psk(s: &str) -> AuthConfig {
+    AuthConfig::Psk(Zeroizing::new(s.as_bytes().to_vec()))
+}
+
+struct Net {
+    a: Endpoint,
+    b: Endpoint,
+    now: Instant,
+    ev_a: Vec<Event>,
+    ev_b: Vec<Event>,
+    /// Datagrams seen on the wire (for assertions).
+    wire: Vec<Transmit>,
+    /// Drop the next n datagrams from A.
+    drop_from_a: usize,
+}
+
+impl Net {
+    fn new(ca: Config, cb: Config) -> Self {
+        let now = Instant::now();
+        Net {
+            a: Endpoint::new(ca, now).unwrap(),
+            b: Endpoint::new(cb, now).unwrap(),
+            now,
+            ev_a: Vec::new(),
+            ev_b: Vec::new(),
+            wire: Vec::new(),
+            drop_from_a: 0,
+        }
+    }
+
+    /// Delivers datagrams until both are quiet.
+    fn run(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some(t) = self.a.poll_transmit() {
+                moved = true;
+                self.wire.push(t.clone());
+                if self.drop_from_a > 0 {
+                    self.drop_from_a -= 1;
+                    continue;
+                }
+                assert_eq!(t.dst.ip(), ip(B));
+                self.b.handle_datagram(self.now, t.src, t.dst, &t.payload);
+            }
+            while let Some(t) = self.b.poll_transmit() {
+                moved = true;
+                self.wire.push(t.clone());
+                assert_eq!(t.dst.ip(), ip(A));
+                self.a.handle_datagram(self.now, t.src, t.dst, &t.payload);
+            }
+            while let Some(e) = self.a.poll_event() {
+                self.ev_a.push(e);
+            }
+            while let Some(e) = self.b.poll_event() {
+                self.ev_b.push(e);
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("endpoints never went quiet");
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+        self.run();
+    }
+}
+
+fn child_keys(ev: &[Event]) -> Vec<dmvpn_ike::ChildSaKeys> {
+    ev.iter()
+        .filter_map(|e| match e {
+            Event::ChildSaUp { keys, .. } => Some(keys.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn failures(ev: &[Event]) -> Vec<FailReason> {
+    ev.iter()
+        .filter_map(|e| match e {
+            Event::Failed { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// ESP packets sealed with one side's outbound keys open with the other's inbound keys.
+fn assert_esp_works(x: &dmvpn_ike::ChildSaKeys, y: &dmvpn_ike::ChildSaKeys) {
+    let now = Instant::now();
+    assert_eq!(x.spi_out, y.spi_in);
+    assert_eq!(x.spi_in, y.spi_out);
+    let mut tx = x.outbound().unwrap().into_outbound(now).unwrap();
+    let mut rx = y.inbound().unwrap().into_inbound(now).unwrap();
+    let mut buf = Vec::new();
+    tx.seal_to_vec(now, 47, b"gre payload", &mut buf).unwrap();
+    let opened = rx.open_in_place(now, &mut buf).unwrap();
+    assert_eq!(&buf[opened.payload], b"gre payload");
+}
+
+fn established(cfg_a: Config, cfg_b: Config) -> Net {
+    let mut n = Net::new(cfg_a, cfg_b);
+    n.a.initiate(n.now, ip(B)).unwrap();
+    n.run();
+    n
+}
+
+#[test]
+fn psk_establishes_ike_and_child_sa() {
+    let n = established(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    assert!(failures(&n.ev_a).is_empty(), "{:?}", n.ev_a);
+    assert!(n.ev_a.iter().any(|e| matches!(e, Event::IkeSaUp { peer_identity: Identity::Ip(p), nat: false, .. } if *p == ip(B))));
+    assert!(n.ev_b.iter().any(|e| matches!(e, Event::IkeSaUp { peer_identity: Identity::Ip(p), .. } if *p == ip(A))));
+    let ka = child_keys(&n.ev_a);
+    let kb = child_keys(&n.ev_b);
+    assert_eq!((ka.len(), kb.len()), (1, 1));
+    assert_eq!(ka[0].mode, ChildMode::Transport);
+    assert_eq!(ka[0].suite, dmvpn_esp::Suite::Aes256Gcm);
+    assert!(ka[0].esn);
+    assert_eq!(ka[0].local_ts.ip_protocol, 47);
+    assert_eq!(ka[0].udp_encap, None);
+    assert_esp_works(&ka[0], &kb[0]);
+    assert_esp_works(&kb[0], &ka[0]);
+    // Four messages: IKE_SA_INIT and IKE_AUTH request/response, all on port 500.
+    assert_eq!(n.wire.len(), 4);
+    assert!(n.wire.iter().all(|t| t.src.port() == 500 && t.dst.port() == 500));
+}
+
+#[test]
+fn wrong_psk_fails_authentication_on_both_sides() {
+    let n = established(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("other-123456789")));
+    assert_eq!(failures(&n.ev_b), vec![FailReason::AuthenticationFailed]);
+    assert_eq!(failures(&n.ev_a), vec![FailReason::AuthenticationFailed]);
+    assert!(child_keys(&n.ev_a).is_empty() && child_keys(&n.ev_b).is_empty());
+    assert_eq!(n.a.ike_sa_count() + n.b.ike_sa_count(), 0);
+}
+
+#[test]
+fn p256_and_chacha_are_negotiated_when_preferred() {
+    let mut ca = Config::new(ip(A), psk("sekrit-123456789"));
+    ca.ike_dh = vec![dmvpn_ike::DhGroup::P256];
+    ca.ike_encr = vec![dmvpn_ike::Encr::ChaCha20Poly1305];
+    ca.esp_suites = vec![dmvpn_esp::Suite::ChaCha20Poly1305];
+    ca.esn = false;
+    let n = established(ca, Config::new(ip(B), psk("sekrit-123456789")));
+    let ka = child_keys(&n.ev_a);
+    let kb = child_keys(&n.ev_b);
+    assert_eq!(ka[0].suite, dmvpn_esp::Suite::ChaCha20Poly1305);
+    assert!(!ka[0].esn && !kb[0].esn);
+    assert_esp_works(&ka[0], &kb[0]);
+}
+
+#[test]
+fn invalid_ke_payload_makes_the_initiator_switch_group() {
+    let ca = Config::new(ip(A), psk("sekrit-123456789"));
+    let mut cb = Config::new(ip(B), psk("sekrit-123456789"));
+    cb.ike_dh = vec![dmvpn_ike::DhGroup::P256];
+    let n = established(ca, cb);
+    assert_eq!(child_keys(&n.ev_a).len(), 1);
+    // INIT with X25519, INVALID_KE, INIT with P-256, response, AUTH pair.
+    assert_eq!(n.wire.len(), 6);
+}
+
+#[test]
+fn no_common_proposal_is_reported() {
+    let mut ca = Config::new(ip(A), psk("sekrit-123456789"));
+    ca.ike_encr = vec![dmvpn_ike::Encr::AesGcm128];
+    let n = established(ca, Config::new(ip(B), psk("sekrit-123456789")));
+    assert_eq!(failures(&n.ev_a), vec![FailReason::NoProposalChosen]);
+    assert_eq!(failures(&n.ev_b), vec![FailReason::NoProposalChosen]);
+}
+
+#[test]
+fn child_without_common_esp_suite_fails_but_ike_sa_stays() {
+    let mut ca = Config::new(ip(A), psk("sekrit-123456789"));
+    ca.esp_suites = vec![dmvpn_esp::Suite::Aes128Gcm];
+    let n = established(ca, Config::new(ip(B), psk("sekrit-123456789")));
+    assert_eq!(failures(&n.ev_a), vec![FailReason::NoProposalChosen]);
+    assert!(n.a.is_established(ip(B)));
+    assert!(child_keys(&n.ev_a).is_empty());
+}
+
+#[test]
+fn ts_unacceptable_when_protocols_differ() {
+    let mut ca = Config::new(ip(A), psk("sekrit-123456789"));
+    ca.ts_protocol = 17;
+    let n = established(ca, Config::new(ip(B), psk("sekrit-123456789")));
+    assert_eq!(failures(&n.ev_b), vec![FailReason::TsUnacceptable]);
+    assert_eq!(failures(&n.ev_a), vec![FailReason::TsUnacceptable]);
+}
+
+#[test]
+fn lost_packets_are_retransmitted_and_timeouts_reported() {
+    let mut n = Net::new(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    n.drop_from_a = 2;
+    n.a.initiate(n.now, ip(B)).unwrap();
+    n.run();
+    assert!(n.ev_a.is_empty());
+    let t1 = n.a.poll_timeout().unwrap();
+    assert_eq!(t1 - n.now, Duration::from_millis(500));
+    n.advance(Duration::from_millis(500)); // retransmission 1: dropped
+    let t2 = n.a.poll_timeout().unwrap();
+    assert_eq!(t2 - n.now, Duration::from_millis(1000), "backoff doubles");
+    n.advance(Duration::from_millis(1000)); // retransmission 2: delivered
+    assert_eq!(child_keys(&n.ev_a).len(), 1);
+
+    // Now B disappears: the liveness check times out after all retransmissions.
+    let mut n2 = Net::new(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    n2.drop_from_a = usize::MAX;
+    n2.a.initiate(n2.now, ip(B)).unwrap();
+    n2.run();
+    for _ in 0..20 {
+        if let Some(t) = n2.a.poll_timeout() {
+            let d = t - n2.now;
+            n2.advance(d);
+        }
+    }
+    assert_eq!(failures(&n2.ev_a), vec![FailReason::Timeout]);
+    assert_eq!(n2.a.ike_sa_count(), 0);
+    // 6 transmissions of IKE_SA_INIT in total.
+    assert_eq!(n2.wire.len(), 6);
+}
+
+#[test]
+fn delete_and_liveness() {
+    let mut n = established(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    n.wire.clear();
+    n.a.liveness(n.now, ip(B)).unwrap();
+    n.run();
+    assert_eq!(n.wire.len(), 2);
+    assert!(n.a.is_established(ip(B)));
+    n.b.delete(n.now, ip(A)).unwrap();
+    n.run();
+    for ev in [&n.ev_a, &n.ev_b] {
+        assert!(ev.iter().any(|e| matches!(e, Event::ChildSaDown { .. })));
+        assert!(ev.iter().any(|e| matches!(e, Event::IkeSaDown { .. })));
+    }
+    assert_eq!(n.a.ike_sa_count() + n.b.ike_sa_count(), 0);
+}
+
+#[test]
+fn forced_encapsulation_moves_to_4500() {
+    let mut ca = Config::new(ip(A), psk("sekrit-123456789"));
+    ca.force_udp_encap = true;
+    let n = established(ca, Config::new(ip(B), psk("sekrit-123456789")));
+    let ka = child_keys(&n.ev_a);
+    let kb = child_keys(&n.ev_b);
+    assert_eq!(ka[0].udp_encap, Some((4500, 4500)));
+    assert_eq!(kb[0].udp_encap, Some((4500, 4500)));
+    assert!(n.wire[2..].iter().all(|t| t.dst.port() == 4500 && t.payload.starts_with(&[0, 0, 0, 0])));
+}
+
+#[test]
+fn cookies_are_demanded_under_load_and_half_open_is_bounded() {
+    let mut cb = Config::new(ip(B), psk("sekrit-123456789"));
+    cb.cookie_threshold = 2;
+    cb.max_half_open = 4;
+    let mut b = Endpoint::new(cb, Instant::now()).unwrap();
+    let now = Instant::now();
+    // Floods of IKE_SA_INIT from spoofed initiators that never continue.
+    for i in 0..50u8 {
+        let mut a = Endpoint::new(Config::new(ip(A), psk("x-123456789abcdef")), now).unwrap();
+        a.initiate(now, ip(B)).unwrap();
+        let t = a.poll_transmit().unwrap();
+        let src = SocketAddr::new(ip(&format!("198.51.100.{}", 10 + i)), 500);
+        b.handle_datagram(now, src, t.dst, &t.payload);
+    }
+    assert_eq!(b.half_open(), 2);
+    assert_eq!(b.stats().cookies_sent, 48);
+    let mut answers = 0;
+    while let Some(t) = b.poll_transmit() {
+        assert!(t.payload.len() < 100 || answers < 2, "only two full answers");
+        answers += 1;
+    }
+    assert_eq!(answers, 50);
+    // A real initiator answers the cookie and gets through.
+    let mut n = Net::new(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    n.b = b;
+    n.a.initiate(n.now, ip(B)).unwrap();
+    n.run();
+    assert!(n.a.is_established(ip(B)), "{:?}", n.ev_a);
+    // Half-open SAs expire.
+    n.advance(Duration::from_secs(31));
+    assert_eq!(n.b.half_open(), 0);
+}
+
+#[test]
+fn child_and_ike_rekey_keep_traffic_flowing() {
+    let mut n = established(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    let old_a = child_keys(&n.ev_a)[0].clone();
+    n.ev_a.clear();
+    n.ev_b.clear();
+    n.a.rekey_child(n.now, ip(B)).unwrap();
+    n.run();
+    let new_a = child_keys(&n.ev_a);
+    let new_b = child_keys(&n.ev_b);
+    assert_eq!((new_a.len(), new_b.len()), (1, 1));
+    assert_ne!(new_a[0].spi_in, old_a.spi_in);
+    assert_esp_works(&new_a[0], &new_b[0]);
+    assert!(n.ev_a.iter().any(|e| matches!(e, Event::ChildSaUp { rekeys: Some(s), .. } if *s == old_a.spi_in)));
+    // The old SA goes only after the new one is up.
+    let up = n.ev_a.iter().position(|e| matches!(e, Event::ChildSaUp { .. })).unwrap();
+    let down = n.ev_a.iter().position(|e| matches!(e, Event::ChildSaDown { spi_in, .. } if *spi_in == old_a.spi_in)).unwrap();
+    assert!(up < down);
+    assert!(n.ev_b.iter().any(|e| matches!(e, Event::ChildSaDown { spi_out, .. } if *spi_out == old_a.spi_in)));
+
+    n.a.rekey_ike(n.now, ip(B)).unwrap();
+    n.run();
+    assert!(failures(&n.ev_a).is_empty() && failures(&n.ev_b).is_empty());
+    // The rekeyed IKE SA still works: liveness and another child rekey.
+    n.ev_a.clear();
+    n.a.rekey_child(n.now, ip(B)).unwrap();
+    n.run();
+    assert_eq!(child_keys(&n.ev_a).len(), 1, "{:?}", n.ev_a);
+}
