@@ -21,6 +21,7 @@ enum Op {
     ChangeNbma(usize, u8),
     ClearCache(usize),
     Shutdown(usize),
+    RestartHub(bool),
 }
 
 const SPOKES: [u8; 4] = [2, 3, 4, 5];
@@ -35,6 +36,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..4usize, 100u8..120).prop_map(|(n, x)| Op::ChangeNbma(n, x)),
         (0..4usize).prop_map(Op::ClearCache),
         (0..4usize).prop_map(Op::Shutdown),
+        any::<bool>().prop_map(Op::RestartHub),
     ]
 }
 
@@ -121,6 +123,10 @@ proptest! {
                 }
                 Op::ClearCache(a) => s.with(spokes[a], |e, now| e.clear_cache(now)),
                 Op::Shutdown(a) => s.with(spokes[a], |e, now| e.shutdown(now)),
+                Op::RestartHub(first) => {
+                    let (h, n) = if first { (h1, 1) } else { (h2, 250) };
+                    s.restart(h, hub_config(n));
+                }
             }
             s.run_for(Duration::from_millis(50));
             check(&s);

@@ -270,6 +270,16 @@ impl Sim {
         self.run_until(end);
     }
 
+    /// Restarts a node: a fresh engine with `cfg` (all state lost) and a fresh data plane.
+    pub fn restart(&mut self, i: usize, cfg: Config) {
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        node.engine = Engine::new(cfg, now).expect("valid config");
+        node.dp = DataPlane::default();
+        node.events.clear();
+        self.flush(i);
+    }
+
     /// Cuts a node off the network (or reconnects it).
     pub fn partition(&mut self, i: usize, cut: bool) {
         self.nodes[i].partitioned = cut;
