@@ -394,6 +394,8 @@ impl OutboundSa {
             .map_err(|limit| EspError::LifetimeExpired { limit })?;
         let seq = self.next_seq;
         if seq > self.seq_max {
+            // Only reachable through skip_to_seq; still report the expiry.
+            self.life.note_seq(seq, self.seq_max);
             return Err(EspError::LifetimeExpired {
                 limit: crate::LimitKind::SequenceNumbers,
             });
