@@ -124,10 +124,15 @@ fn established(cfg_a: Config, cfg_b: Config) -> Net {
 
 #[test]
 fn psk_establishes_ike_and_child_sa() {
-    let n = established(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    let n = established(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("sekrit-123456789")),
+    );
     assert!(failures(&n.ev_a).is_empty(), "{:?}", n.ev_a);
     assert!(n.ev_a.iter().any(|e| matches!(e, Event::IkeSaUp { peer_identity: Identity::Ip(p), nat: false, .. } if *p == ip(B))));
-    assert!(n.ev_b.iter().any(|e| matches!(e, Event::IkeSaUp { peer_identity: Identity::Ip(p), .. } if *p == ip(A))));
+    assert!(n.ev_b.iter().any(
+        |e| matches!(e, Event::IkeSaUp { peer_identity: Identity::Ip(p), .. } if *p == ip(A))
+    ));
     let ka = child_keys(&n.ev_a);
     let kb = child_keys(&n.ev_b);
     assert_eq!((ka.len(), kb.len()), (1, 1));
@@ -140,12 +145,19 @@ fn psk_establishes_ike_and_child_sa() {
     assert_esp_works(&kb[0], &ka[0]);
     // Four messages: IKE_SA_INIT and IKE_AUTH request/response, all on port 500.
     assert_eq!(n.wire.len(), 4);
-    assert!(n.wire.iter().all(|t| t.src.port() == 500 && t.dst.port() == 500));
+    assert!(
+        n.wire
+            .iter()
+            .all(|t| t.src.port() == 500 && t.dst.port() == 500)
+    );
 }
 
 #[test]
 fn wrong_psk_fails_authentication_on_both_sides() {
-    let n = established(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("other-123456789")));
+    let n = established(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("other-123456789")),
+    );
     assert_eq!(failures(&n.ev_b), vec![FailReason::AuthenticationFailed]);
     assert_eq!(failures(&n.ev_a), vec![FailReason::AuthenticationFailed]);
     assert!(child_keys(&n.ev_a).is_empty() && child_keys(&n.ev_b).is_empty());
@@ -208,7 +220,10 @@ fn ts_unacceptable_when_protocols_differ() {
 
 #[test]
 fn lost_packets_are_retransmitted_and_timeouts_reported() {
-    let mut n = Net::new(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    let mut n = Net::new(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("sekrit-123456789")),
+    );
     n.drop_from_a = 2;
     n.a.initiate(n.now, ip(B)).unwrap();
     n.run();
@@ -222,7 +237,10 @@ fn lost_packets_are_retransmitted_and_timeouts_reported() {
     assert_eq!(child_keys(&n.ev_a).len(), 1);
 
     // Now B disappears: the liveness check times out after all retransmissions.
-    let mut n2 = Net::new(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    let mut n2 = Net::new(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("sekrit-123456789")),
+    );
     n2.drop_from_a = usize::MAX;
     n2.a.initiate(n2.now, ip(B)).unwrap();
     n2.run();
@@ -240,7 +258,10 @@ fn lost_packets_are_retransmitted_and_timeouts_reported() {
 
 #[test]
 fn delete_and_liveness() {
-    let mut n = established(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    let mut n = established(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("sekrit-123456789")),
+    );
     n.wire.clear();
     n.a.liveness(n.now, ip(B)).unwrap();
     n.run();
@@ -264,7 +285,11 @@ fn forced_encapsulation_moves_to_4500() {
     let kb = child_keys(&n.ev_b);
     assert_eq!(ka[0].udp_encap, Some((4500, 4500)));
     assert_eq!(kb[0].udp_encap, Some((4500, 4500)));
-    assert!(n.wire[2..].iter().all(|t| t.dst.port() == 4500 && t.payload.starts_with(&[0, 0, 0, 0])));
+    assert!(
+        n.wire[2..]
+            .iter()
+            .all(|t| t.dst.port() == 4500 && t.payload.starts_with(&[0, 0, 0, 0]))
+    );
 }
 
 #[test]
@@ -286,12 +311,18 @@ fn cookies_are_demanded_under_load_and_half_open_is_bounded() {
     assert_eq!(b.stats().cookies_sent, 48);
     let mut answers = 0;
     while let Some(t) = b.poll_transmit() {
-        assert!(t.payload.len() < 100 || answers < 2, "only two full answers");
+        assert!(
+            t.payload.len() < 100 || answers < 2,
+            "only two full answers"
+        );
         answers += 1;
     }
     assert_eq!(answers, 50);
     // A real initiator answers the cookie and gets through.
-    let mut n = Net::new(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    let mut n = Net::new(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("sekrit-123456789")),
+    );
     n.b = b;
     n.a.initiate(n.now, ip(B)).unwrap();
     n.run();
@@ -303,7 +334,10 @@ fn cookies_are_demanded_under_load_and_half_open_is_bounded() {
 
 #[test]
 fn child_and_ike_rekey_keep_traffic_flowing() {
-    let mut n = established(Config::new(ip(A), psk("sekrit-123456789")), Config::new(ip(B), psk("sekrit-123456789")));
+    let mut n = established(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("sekrit-123456789")),
+    );
     let old_a = child_keys(&n.ev_a)[0].clone();
     n.ev_a.clear();
     n.ev_b.clear();
@@ -314,12 +348,28 @@ fn child_and_ike_rekey_keep_traffic_flowing() {
     assert_eq!((new_a.len(), new_b.len()), (1, 1));
     assert_ne!(new_a[0].spi_in, old_a.spi_in);
     assert_esp_works(&new_a[0], &new_b[0]);
-    assert!(n.ev_a.iter().any(|e| matches!(e, Event::ChildSaUp { rekeys: Some(s), .. } if *s == old_a.spi_in)));
+    assert!(
+        n.ev_a
+            .iter()
+            .any(|e| matches!(e, Event::ChildSaUp { rekeys: Some(s), .. } if *s == old_a.spi_in))
+    );
     // The old SA goes only after the new one is up.
-    let up = n.ev_a.iter().position(|e| matches!(e, Event::ChildSaUp { .. })).unwrap();
-    let down = n.ev_a.iter().position(|e| matches!(e, Event::ChildSaDown { spi_in, .. } if *spi_in == old_a.spi_in)).unwrap();
+    let up = n
+        .ev_a
+        .iter()
+        .position(|e| matches!(e, Event::ChildSaUp { .. }))
+        .unwrap();
+    let down = n
+        .ev_a
+        .iter()
+        .position(|e| matches!(e, Event::ChildSaDown { spi_in, .. } if *spi_in == old_a.spi_in))
+        .unwrap();
     assert!(up < down);
-    assert!(n.ev_b.iter().any(|e| matches!(e, Event::ChildSaDown { spi_out, .. } if *spi_out == old_a.spi_in)));
+    assert!(
+        n.ev_b
+            .iter()
+            .any(|e| matches!(e, Event::ChildSaDown { spi_out, .. } if *spi_out == old_a.spi_in))
+    );
 
     n.a.rekey_ike(n.now, ip(B)).unwrap();
     n.run();
