@@ -308,3 +308,16 @@ fn spoke_tunnel_address_cannot_be_added_changed_or_removed() {
         );
     }
 }
+
+#[test]
+fn committed_yaml_is_a_typed_crd_equal_to_the_generated_one() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    for (plural, generated) in [
+        ("dmvpnhubs", dmvpn_crds::DmvpnHub::crd()),
+        ("dmvpnspokes", dmvpn_crds::DmvpnSpoke::crd()),
+    ] {
+        let parsed: CustomResourceDefinition = serde_json::from_value(crd(plural)).unwrap();
+        assert_eq!(parsed, generated, "{plural}");
+    }
+}
