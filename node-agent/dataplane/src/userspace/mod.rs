@@ -17,17 +17,17 @@
 //! raw socket has no segmentation offload: each segment is one `sendmmsg` entry. If the
 //! kernel refuses the offload flags, the data plane falls back to plain reads and writes.
 
+mod mmsg;
 mod netlink;
 pub(crate) mod path;
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -47,7 +47,8 @@ pub const BATCH: usize = 32;
 /// Packets per TUN batch: one offloaded read can yield up to 64 KiB / MTU segments.
 const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 /// The most packets one `sendmmsg` call carries.
-const MAX_SEND: usize = if TUN_BATCH > BATCH { TUN_BATCH } else { BATCH };
+const MAX_SEND: usize = mmsg::MAX_MSGS;
+const _: () = assert!(TUN_BATCH <= MAX_SEND && BATCH <= MAX_SEND);
 /// TUN buffer per packet beyond the headroom: the MTU, but at least a jumbo frame, so an
 /// MTU raised later by hand does not truncate packets.
 const TUN_MIN_BUF: usize = 9216;
@@ -435,21 +436,6 @@ impl DataPlane for UserspaceDataPlane {
     }
 }
 
-/// Preallocated `recvmmsg`/`sendmmsg` headers, owned by one packet task.
-struct Mmsg(MultiHeaders<SockaddrIn>);
-
-// SAFETY: `MultiHeaders` is only `!Send` because its `mmsghdr`s hold raw pointers. Those
-// point into its own heap allocations (addresses) and, during a call, into buffers
-// borrowed for that call; they are rewritten before every use. Moving the owner to another
-// thread between calls (a task migrating between tokio workers) is therefore sound.
-unsafe impl Send for Mmsg {}
-
-impl Mmsg {
-    fn new(n: usize) -> Self {
-        Self(MultiHeaders::preallocate(n, None))
-    }
-}
-
 /// A packet staged for `sendmmsg`: `bufs[buf][start..end]` to `to`.
 #[derive(Debug, Clone, Copy)]
 struct Staged {
@@ -461,68 +447,47 @@ struct Staged {
 
 /// Sends the staged packets with as few `sendmmsg` calls as the socket allows. A packet
 /// the kernel refuses is counted and skipped; the rest of the batch still goes out.
-async fn send_staged(
-    shared: &Shared,
-    hdrs: &mut Mmsg,
-    bufs: &[Box<[u8]>],
-    staged: &[Staged],
-    st: &mut TaskState,
-) {
+async fn send_staged(shared: &Shared, bufs: &[Box<[u8]>], staged: &[Staged], st: &mut TaskState) {
     let n = staged.len().min(MAX_SEND);
     if n == 0 {
         return;
     }
-    let slices: [[IoSlice<'_>; 1]; MAX_SEND] = std::array::from_fn(|i| {
-        [IoSlice::new(
-            staged
-                .get(i)
-                .and_then(|s| bufs.get(s.buf)?.get(s.start..s.end))
-                .unwrap_or(&[]),
-        )]
-    });
-    let addrs: [Option<SockaddrIn>; MAX_SEND] = std::array::from_fn(|i| {
-        staged
-            .get(i)
-            .map(|s| SockaddrIn::from(SocketAddrV4::new(s.to, 0)))
+    let unspecified = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    let msgs: [(&[u8], SocketAddrV4); MAX_SEND] = std::array::from_fn(|i| {
+        staged.get(i).map_or((&[][..], unspecified), |s| {
+            let pkt = bufs
+                .get(s.buf)
+                .and_then(|b| b.get(s.start..s.end))
+                .unwrap_or(&[]);
+            (pkt, SocketAddrV4::new(s.to, 0))
+        })
     });
     let mut done = 0;
     while done < n {
+        let Some(rest) = msgs.get(done..n) else {
+            return;
+        };
         let mut guard = match shared.sock.writable().await {
             Ok(g) => g,
             Err(e) => {
-                for s in staged.iter().take(n).skip(done) {
-                    st.drop_pkt(DropReason::SendError, Some(IpAddr::V4(s.to)), &e);
+                for (_, to) in rest {
+                    st.drop_pkt(DropReason::SendError, Some(IpAddr::V4(*to.ip())), &e);
                 }
                 return;
             }
         };
-        let (Some(sl), Some(ad)) = (slices.get(done..n), addrs.get(done..n)) else {
-            return;
-        };
-        let res = guard.try_io(|fd| {
-            sendmmsg(
-                fd.as_raw_fd(),
-                &mut hdrs.0,
-                sl,
-                ad,
-                [],
-                MsgFlags::MSG_DONTWAIT,
-            )
-            .map(Iterator::count)
-            .map_err(io::Error::from)
-        });
-        match res {
+        match guard.try_io(|fd| mmsg::send_v4(fd.as_fd(), rest)) {
             Ok(Ok(sent)) => {
-                for s in sl.iter().take(sent) {
+                for (pkt, _) in rest.iter().take(sent) {
                     st.batch.add(Field::TxPackets, 1);
-                    st.batch.add(Field::TxBytes, s[0].len() as u64);
+                    st.batch.add(Field::TxBytes, pkt.len() as u64);
                 }
                 // sendmmsg returns at least 1 on success; guard against a zero anyway.
                 done += sent.max(1);
             }
             Ok(Err(e)) => {
                 // The error belongs to the first unsent packet (EMSGSIZE, ENOBUFS, ...).
-                let to = staged.get(done).map(|s| IpAddr::V4(s.to));
+                let to = rest.first().map(|(_, to)| IpAddr::V4(*to.ip()));
                 st.drop_pkt(DropReason::SendError, to, &e);
                 done += 1;
             }
@@ -598,7 +563,6 @@ async fn tun_loop(shared: Arc<Shared>, mut st: TaskState) {
         }
     ];
     let mut staged: Vec<Staged> = Vec::with_capacity(TUN_BATCH);
-    let mut hdrs = Mmsg::new(TUN_BATCH);
     let mut errors_logged = false;
     loop {
         let n = read_tun_batch(&shared, &mut vnet, &mut bufs, &mut lens, &mut errors_logged).await;
@@ -624,40 +588,9 @@ async fn tun_loop(shared: Arc<Shared>, mut st: TaskState) {
                 }
             }
         }
-        send_staged(&shared, &mut hdrs, &bufs, &staged, &mut st).await;
+        send_staged(&shared, &bufs, &staged, &mut st).await;
         shared.counters.flush(&mut st.batch);
     }
-}
-
-/// Receives one batch with `recvmmsg` into `bufs`; returns the number of packets and
-/// fills `lens`.
-fn recv_batch(
-    fd: &Socket,
-    hdrs: &mut Mmsg,
-    bufs: &mut [Box<[u8]>],
-    lens: &mut [usize; BATCH],
-) -> io::Result<usize> {
-    let mut it = bufs.iter_mut();
-    let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] = std::array::from_fn(|_| {
-        [IoSliceMut::new(match it.next() {
-            Some(b) => &mut b[..],
-            None => &mut [],
-        })]
-    });
-    let res = recvmmsg(
-        fd.as_raw_fd(),
-        &mut hdrs.0,
-        iovs.iter_mut(),
-        MsgFlags::MSG_DONTWAIT,
-        None,
-    )
-    .map_err(io::Error::from)?;
-    let mut n = 0;
-    for (msg, l) in res.zip(lens.iter_mut()) {
-        *l = msg.bytes;
-        n += 1;
-    }
-    Ok(n)
 }
 
 /// GRE → TUN (or, on a hub, → another spoke).
@@ -668,8 +601,6 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
     let mut lens = [0usize; BATCH];
     let mut actions = [RxAction::Skip; BATCH];
     let mut staged: Vec<Staged> = Vec::with_capacity(BATCH);
-    let mut rhdrs = Mmsg::new(BATCH);
-    let mut shdrs = Mmsg::new(BATCH);
     // Offload: inner packets behind room for the virtio-net header, coalesced by GRO.
     let vhl = tun_rs::VIRTIO_NET_HDR_LEN;
     let mut tun_out: Vec<Vec<u8>> = if shared.offload {
@@ -689,8 +620,7 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
                 return;
             }
         };
-        let n = match guard.try_io(|fd| recv_batch(fd.get_ref(), &mut rhdrs, &mut bufs, &mut lens))
-        {
+        let n = match guard.try_io(|fd| mmsg::recv(fd.as_fd(), &mut bufs, &mut lens)) {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 // Unexpected (the socket is non-blocking and reports no ICMP errors): log
@@ -772,7 +702,7 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
                 Err(e) => st.drop_pkt(DropReason::TunWriteError, None, &e),
             }
         }
-        send_staged(&shared, &mut shdrs, &bufs, &staged, &mut st).await;
+        send_staged(&shared, &bufs, &staged, &mut st).await;
         shared.counters.flush(&mut st.batch);
     }
 }
