@@ -62,8 +62,10 @@ fn check(s: &Sim) {
         assert_eq!(c.dropped(DropReason::BadChecksum), 0, "node {i}");
         assert_eq!(c.dropped(DropReason::Loop), 0, "node {i}");
         assert_eq!(c.encode_failures, 0, "node {i}");
-        // PeerUp / PeerDown alternate per neighbour: no double removal
+        // Applied one by one, the events never leave a route pointing at a missing
+        // neighbour, and never remove a neighbour that is not there.
         let mut up = std::collections::HashSet::new();
+        let mut routes = std::collections::HashMap::new();
         for (_, e) in &node.events {
             match e {
                 Event::PeerUp { proto, .. } => {
@@ -74,6 +76,20 @@ fn check(s: &Sim) {
                         up.remove(proto),
                         "node {i}: PeerDown {proto} without PeerUp"
                     );
+                    assert!(
+                        !routes.values().any(|nh| nh == proto),
+                        "node {i}: PeerDown {proto} while routes use it: {routes:?}"
+                    );
+                }
+                Event::RouteAdd { prefix, next_hop } => {
+                    assert!(
+                        up.contains(next_hop),
+                        "node {i}: RouteAdd {prefix} via unknown {next_hop}"
+                    );
+                    routes.insert(*prefix, *next_hop);
+                }
+                Event::RouteDel { prefix } => {
+                    routes.remove(prefix);
                 }
                 _ => {}
             }

@@ -200,6 +200,16 @@ impl Peers {
         }
     }
 
+    /// Moves an existing neighbour to another NBMA address (PeerUp with the new one).
+    pub(crate) fn set_nbma(&mut self, proto: IpAddr, nbma: IpAddr, ev: &mut VecDeque<Event>) {
+        if let Some(p) = self.map.get_mut(&proto)
+            && p.nbma != nbma
+        {
+            p.nbma = nbma;
+            ev.push_back(Event::PeerUp { proto, nbma });
+        }
+    }
+
     /// Removes reason `r` (one shortcut reference for SHORTCUT); emits PeerDown when none is
     /// left.
     pub(crate) fn remove(&mut self, proto: IpAddr, r: u8, ev: &mut VecDeque<Event>) {

@@ -700,20 +700,22 @@ impl Engine {
         let expires = now + ht;
         let refresh_at = now + ht * 2 / 3;
         if let Some(mut s) = self.shortcuts.remove(&net) {
-            if s.next_hop != next_hop || s.nbma != nbma {
-                self.peers
-                    .remove(s.next_hop, peer_ref::SHORTCUT, &mut self.events);
+            // New neighbour and route first, old neighbour last: the route never points at a
+            // removed neighbour.
+            if s.next_hop != next_hop {
                 self.peers
                     .add(next_hop, nbma, peer_ref::SHORTCUT, &mut self.events);
-                if s.next_hop != next_hop {
-                    self.events.push_back(Event::RouteAdd {
-                        prefix: net,
-                        next_hop,
-                    });
-                }
-                s.next_hop = next_hop;
-                s.nbma = nbma;
+                self.events.push_back(Event::RouteAdd {
+                    prefix: net,
+                    next_hop,
+                });
+                self.peers
+                    .remove(s.next_hop, peer_ref::SHORTCUT, &mut self.events);
+            } else if s.nbma != nbma {
+                self.peers.set_nbma(next_hop, nbma, &mut self.events);
             }
+            s.next_hop = next_hop;
+            s.nbma = nbma;
             match origin {
                 Origin::Resolved => {
                     s.origin = Origin::Resolved;
