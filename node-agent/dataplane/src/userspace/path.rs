@@ -112,6 +112,27 @@ pub(crate) fn inner_addrs(p: &[u8]) -> Option<(u16, IpAddr, IpAddr)> {
     }
 }
 
+/// What a router checks before forwarding (RFC 1812 §5.2.2): for IPv4 the header length,
+/// total length and header checksum. The TTL rewrite below would otherwise turn a corrupt
+/// header into a valid one.
+fn header_ok(p: &[u8]) -> bool {
+    match p.first().map(|b| (b >> 4, usize::from(b & 0x0F) * 4)) {
+        Some((4, ihl)) => {
+            let total = p
+                .get(2..4)
+                .map_or(0, |t| usize::from(u16::from_be_bytes([t[0], t[1]])));
+            ihl >= 20
+                && total >= ihl
+                && total <= p.len()
+                && p.get(..ihl).is_some_and(|h| gre::internet_checksum(h) == 0)
+        }
+        Some((6, _)) => p
+            .get(4..6)
+            .is_some_and(|l| 40 + usize::from(u16::from_be_bytes([l[0], l[1]])) <= p.len()),
+        _ => false,
+    }
+}
+
 /// Whether a router may forward the packet: TTL / hop limit above 1.
 fn ttl_allows_forwarding(p: &[u8]) -> bool {
     match p.first().map(|b| b >> 4) {
@@ -124,24 +145,21 @@ fn ttl_allows_forwarding(p: &[u8]) -> bool {
 /// Decrements the TTL / hop limit of an IP packet (IPv4: and fixes the header checksum).
 /// Returns false, leaving the packet unchanged, if it must not be forwarded.
 fn decrement_ttl(p: &mut [u8]) -> bool {
-    match p.first().map(|b| b >> 4) {
-        Some(4) => {
-            let ihl = usize::from(p[0] & 0x0F) * 4;
-            let Some(ttl) = p.get(8).copied() else {
+    match p.first().map(|b| (b >> 4, usize::from(b & 0x0F) * 4)) {
+        Some((4, ihl)) => {
+            let Some(h) = p.get_mut(..ihl).filter(|h| h.len() >= 20) else {
                 return false;
             };
-            if ttl <= 1 || p.len() < ihl {
+            if h[8] <= 1 {
                 return false;
             }
-            p[8] = ttl - 1;
-            p[10] = 0;
-            p[11] = 0;
-            let sum = gre::internet_checksum(&p[..ihl]).to_be_bytes();
-            p[10] = sum[0];
-            p[11] = sum[1];
+            h[8] -= 1;
+            h[10..12].fill(0);
+            let sum = gre::internet_checksum(h).to_be_bytes();
+            h[10..12].copy_from_slice(&sum);
             true
         }
-        Some(6) => match p.get_mut(7) {
+        Some((6, _)) => match p.get_mut(7) {
             Some(h) if *h > 1 => {
                 *h -= 1;
                 true
@@ -394,6 +412,14 @@ pub(crate) fn rx_packet(
             let Some(inner) = buf.get_mut(inner_start..total) else {
                 return RxAction::Skip;
             };
+            if !header_ok(inner) {
+                st.drop_pkt(
+                    DropReason::BadInner,
+                    peer,
+                    &"inner IPv4 header is corrupt (length or checksum); not forwarding it",
+                );
+                return RxAction::Skip;
+            }
             if !ttl_allows_forwarding(inner) {
                 // TTL expired: let the kernel answer with ICMP time exceeded.
                 return to_tun;
@@ -628,6 +654,15 @@ mod tests {
             }
         );
         assert_eq!(&buf[28..], &inner[..]);
+        // A corrupt inner header is not forwarded (nor repaired by the TTL rewrite).
+        let mut inner = icmp([10, 42, 0, 2], [10, 42, 0, 3], 64);
+        inner[10] ^= 0x55;
+        let gre = GreHeader::with_key(gre::PROTO_IPV4, Some(42)).to_packet(&inner);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        assert_eq!(
+            rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+            RxAction::Skip
+        );
         // TTL 1: not forwarded; the hub's kernel gets it (and answers time exceeded).
         let inner = icmp([10, 42, 0, 2], [10, 42, 0, 3], 1);
         let gre = GreHeader::with_key(gre::PROTO_IPV4, Some(42)).to_packet(&inner);
@@ -652,6 +687,7 @@ mod tests {
         let c = counters(&mut st);
         assert_eq!(c.hub_forwarded_packets, 2);
         assert_eq!(c.drops.hairpin_loop, 1);
+        assert_eq!(c.drops.bad_inner, 1);
         assert_eq!(c.events_suppressed, 1);
     }
 
@@ -712,6 +748,24 @@ mod tests {
         assert_eq!(c.drops.bad_inner, 1);
         assert_eq!(c.drops.bad_gre, 1);
         assert_eq!((c.rx_packets, c.nhrp_rx_packets), (3, 1));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ttl_helpers_are_total(mut p in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            let ok = header_ok(&p);
+            let may = ttl_allows_forwarding(&p);
+            let before = p.clone();
+            if decrement_ttl(&mut p) {
+                proptest::prop_assert!(may);
+                if ok && p[0] >> 4 == 4 {
+                    // A valid header stays valid after the rewrite.
+                    proptest::prop_assert!(header_ok(&p));
+                }
+            } else {
+                proptest::prop_assert_eq!(p, before);
+            }
+        }
     }
 
     #[test]
