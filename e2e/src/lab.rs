@@ -387,27 +387,43 @@ impl Lab {
     }
 
     /// Hub h (1-based).
+    ///
+    /// # Panics
+    /// If there is no hub h (a test convenience; use [`Lab::node`] for checked access).
     pub fn hub(&self, h: usize) -> &Node {
-        &self.hubs[h - 1]
+        self.node(Role::Hub, h).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Spoke i (1-based).
+    ///
+    /// # Panics
+    /// If there is no spoke i (a test convenience; use [`Lab::node`] for checked access).
     pub fn spoke(&self, i: usize) -> &Node {
-        &self.spokes[i - 1]
+        self.node(Role::Spoke, i).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn node_mut(&mut self, role: Role, index: usize) -> &mut Node {
-        match role {
-            Role::Hub => &mut self.hubs[index - 1],
-            Role::Spoke => &mut self.spokes[index - 1],
-        }
+    /// Hub or spoke `index` (1-based).
+    pub fn node(&self, role: Role, index: usize) -> Result<&Node> {
+        let list = match role {
+            Role::Hub => &self.hubs,
+            Role::Spoke => &self.spokes,
+        };
+        index
+            .checked_sub(1)
+            .and_then(|i| list.get(i))
+            .ok_or_else(|| anyhow!("the lab has no {role}{index} ({} {role}s)", list.len()))
     }
 
-    fn node(&self, role: Role, index: usize) -> &Node {
-        match role {
-            Role::Hub => self.hub(index),
-            Role::Spoke => self.spoke(index),
-        }
+    fn node_mut(&mut self, role: Role, index: usize) -> Result<&mut Node> {
+        let list = match role {
+            Role::Hub => &mut self.hubs,
+            Role::Spoke => &mut self.spokes,
+        };
+        let n = list.len();
+        index
+            .checked_sub(1)
+            .and_then(|i| list.get_mut(i))
+            .ok_or_else(|| anyhow!("the lab has no {role}{index} ({n} {role}s)"))
     }
 
     /// The agent configuration for a node (before the spec's tweak).
@@ -477,7 +493,7 @@ impl Lab {
     pub fn start_agent(&mut self, role: Role, index: usize) -> Result<()> {
         self.spec.check_agent()?;
         let (config, text, log, label, ns, socket) = {
-            let node = self.node(role, index);
+            let node = self.node(role, index)?;
             let cfg = self.agent_config(node);
             let text = toml::to_string(&cfg).context("cannot render agent config")?;
             (
@@ -501,7 +517,7 @@ impl Lab {
             &[("RUST_LOG", &rust_log)],
             Signal::SIGTERM,
         )?;
-        self.node_mut(role, index).agent_pid = Some(pid);
+        self.node_mut(role, index)?.agent_pid = Some(pid);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if !cleanup::is_running(pid) {
@@ -543,7 +559,7 @@ impl Lab {
 
     /// Send a signal to a node's agent (SIGTERM: graceful leave with purge; SIGKILL: crash).
     pub fn signal_agent(&self, role: Role, index: usize, sig: Signal) -> Result<()> {
-        let node = self.node(role, index);
+        let node = self.node(role, index)?;
         let pid = node
             .agent_pid
             .ok_or_else(|| anyhow!("{}: agent not started", node.label))?;
@@ -556,13 +572,15 @@ impl Lab {
     /// Stop a node's agent: `sig`, wait up to `grace`, then SIGKILL. Returns true if it exited
     /// by itself within `grace`.
     pub fn stop_agent(&mut self, role: Role, index: usize, sig: Signal, grace: Duration) -> bool {
-        let Some(pid) = self.node(role, index).agent_pid else {
+        let Some(pid) = self.node(role, index).ok().and_then(|n| n.agent_pid) else {
             return true;
         };
         cleanup::signal(pid, sig);
         let clean = cleanup::wait_exit(pid, grace);
         cleanup::stop(pid, Duration::from_millis(100));
-        self.node_mut(role, index).agent_pid = None;
+        if let Ok(n) = self.node_mut(role, index) {
+            n.agent_pid = None;
+        }
         clean
     }
 
@@ -620,7 +638,7 @@ impl Lab {
         interval: &str,
     ) -> Result<PingResult> {
         let src = self
-            .spoke(from)
+            .node(Role::Spoke, from)?
             .lan
             .as_ref()
             .ok_or_else(|| anyhow!("spoke{from} has no LAN"))?;
@@ -637,7 +655,7 @@ impl Lab {
         count: u32,
     ) -> Result<(u32, PathBuf)> {
         let src = self
-            .spoke(from)
+            .node(Role::Spoke, from)?
             .lan
             .as_ref()
             .ok_or_else(|| anyhow!("spoke{from} has no LAN"))?;
@@ -659,7 +677,7 @@ impl Lab {
 
     /// Replace spoke i's underlay address (NBMA change).
     pub fn renumber_spoke(&mut self, i: usize, new: Ipv4Addr) -> Result<()> {
-        let node = &mut self.spokes[i - 1];
+        let node = self.node_mut(Role::Spoke, i)?;
         let old = format!("{}/24", node.nbma);
         // Without promotion, deleting the primary address also deletes the new (secondary)
         // one of the same subnet, and the interface would be left with none.
