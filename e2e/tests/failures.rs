@@ -106,6 +106,11 @@ fn spoke_nbma_change_reregisters() {
             &format!("hub cache does not show spoke1 at {new} (was {old})"),
         );
     }
+    let changes = counter(
+        &lab.spoke(1).snapshot().unwrap().counters,
+        "/agent/nbma_changes",
+    );
+    assert!(changes >= 1, "spoke1 counted {changes} NBMA changes");
     let c = lab.hub(1).cache().unwrap();
     assert!(
         !c.entries.iter().any(|e| e.nbma_v4() == Some(old)),
