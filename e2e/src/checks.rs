@@ -369,9 +369,9 @@ pub fn underlay(lab: &Lab) -> Vec<String> {
                 Err(e) => failures.push(format!("{} -> {}: {e:#}", a.label, b.label)),
             }
         }
-        match a.ns.exec(&["sysctl", "-n", "net.ipv4.ip_forward"]) {
-            Ok(v) if v.trim() == "1" => {}
-            Ok(v) => failures.push(format!("{}: ip_forward is {}", a.label, v.trim())),
+        match a.ns.sysctl_get("net.ipv4.ip_forward") {
+            Ok(v) if v == "1" => {}
+            Ok(v) => failures.push(format!("{}: ip_forward is {v}", a.label)),
             Err(e) => failures.push(format!("{}: {e:#}", a.label)),
         }
     }

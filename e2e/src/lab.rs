@@ -96,6 +96,12 @@ impl LabSpec {
         if !(1..=2).contains(&self.hubs) {
             bail!("the lab supports 1 or 2 hubs (got {})", self.hubs);
         }
+        if !(1..=65000).contains(&self.holdtime) {
+            bail!(
+                "--holdtime must be 1..=65000 seconds (got {})",
+                self.holdtime
+            );
+        }
         if !(1..=3).contains(&self.phase) {
             bail!("--phase must be 1, 2 or 3 (got {})", self.phase);
         }

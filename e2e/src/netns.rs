@@ -159,10 +159,26 @@ impl Netns {
         output(&mut self.command(argv))
     }
 
-    /// `sysctl -w key=value` inside the namespace.
+    /// Set a sysctl (dotted key, e.g. "net.ipv4.ip_forward") inside the namespace. Written
+    /// to /proc/sys by a shell in the namespace, so procps need not be installed.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
-            .map(|_| ())
+        let path = sysctl_path(key)?;
+        self.exec(&[
+            "sh",
+            "-c",
+            "printf '%s\\n' \"$1\" > \"$2\"",
+            "sh",
+            value,
+            &path,
+        ])
+        .map(|_| ())
+        .with_context(|| format!("cannot set {key}={value} in {}", self.name))
+    }
+
+    /// Read a sysctl inside the namespace.
+    pub fn sysctl_get(&self, key: &str) -> Result<String> {
+        let path = sysctl_path(key)?;
+        Ok(self.exec(&["cat", &path])?.trim().to_string())
     }
 
     /// Add an address (CIDR) to an interface and bring it up.
@@ -276,6 +292,15 @@ impl Netns {
     }
 }
 
+/// "/proc/sys/net/ipv4/ip_forward" for "net.ipv4.ip_forward" (interface names in keys must
+/// not contain dots).
+fn sysctl_path(key: &str) -> Result<String> {
+    if key.is_empty() || key.contains('/') || key.contains("..") {
+        bail!("bad sysctl key {key:?}");
+    }
+    Ok(format!("/proc/sys/{}", key.replace('.', "/")))
+}
+
 /// Summary of a `ping -q` run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PingResult {
@@ -312,6 +337,17 @@ impl PingResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sysctl_paths() {
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.eth0.rp_filter").unwrap(),
+            "/proc/sys/net/ipv4/conf/eth0/rp_filter"
+        );
+        assert!(sysctl_path("../etc/passwd").is_err());
+        assert!(sysctl_path("a/b").is_err());
+        assert!(sysctl_path("").is_err());
+    }
 
     #[test]
     fn ping_summary_parses() {
