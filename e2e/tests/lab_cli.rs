@@ -56,6 +56,7 @@ fn check_with_capture_leaves_nothing_behind() {
     if !common::root_or_skip("check_with_capture_leaves_nothing_behind") {
         return;
     }
+    let _g = common::serial();
     let agent = common::agent();
     let dir = tempfile::tempdir().unwrap();
     let pcap = dir.path().join("lab.pcap");
@@ -91,4 +92,27 @@ fn check_with_capture_leaves_nothing_behind() {
         text.lines().count() > 10,
         "few GRE packets in the capture:\n{text}"
     );
+}
+
+#[test]
+fn agent_failing_at_start_is_reported_and_cleaned_up() {
+    if !common::root_or_skip("agent_failing_at_start_is_reported_and_cleaned_up") {
+        return;
+    }
+    let _g = common::serial();
+    let mut spec = common::spec(2, 3);
+    spec.tweak = Some(Box::new(|n, t| {
+        if n.role == dmvpn_e2e::lab::Role::Spoke && n.index == 2 {
+            t.insert("holdtme".into(), toml::Value::Integer(5));
+        }
+    }));
+    let mut lab = dmvpn_e2e::lab::Lab::build(spec).unwrap();
+    let prefix = lab.prefix().to_string();
+    let e = format!("{:#}", lab.start_agents().unwrap_err());
+    // Names the node, says it exited, and carries the agent's own message.
+    assert!(e.contains("spoke2") && e.contains("exited at start"), "{e}");
+    assert!(e.contains("holdtme"), "{e}");
+    assert!(lab.hub(1).agent_running() && lab.spoke(1).agent_running());
+    drop(lab);
+    assert!(common::namespaces_with(&prefix).is_empty());
 }
