@@ -18,7 +18,11 @@ pub fn root_or_skip(test: &str) -> bool {
     if dmvpn_e2e::netns::is_root() {
         true
     } else {
-        eprintln!("{test}: skipped (needs root: network namespaces)");
+        // Written to the stderr handle directly: the test harness captures eprintln!, and
+        // a skip must be visible in a normal run.
+        use std::io::Write;
+        let line = format!("{test}: skipped (needs root: network namespaces)\n");
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
         false
     }
 }
