@@ -42,6 +42,17 @@ impl Suite {
         }
     }
 
+    /// The suite for a negotiated IKEv2 encryption transform: ID and Key Length attribute in
+    /// bits (`None` when absent, as for ChaCha20-Poly1305). Other transforms are not supported.
+    pub const fn from_ikev2(transform_id: u16, key_bits: Option<u16>) -> Option<Suite> {
+        match (transform_id, key_bits) {
+            (20, Some(128)) => Some(Suite::Aes128Gcm),
+            (20, Some(256)) => Some(Suite::Aes256Gcm),
+            (28, None) => Some(Suite::ChaCha20Poly1305),
+            _ => None,
+        }
+    }
+
     /// Name as in the Linux crypto API / `ip xfrm` (`aead <name> <key> 128`).
     pub const fn xfrm_name(self) -> &'static str {
         match self {
@@ -66,5 +77,24 @@ impl std::fmt::Display for Suite {
             Suite::Aes256Gcm => "aes256gcm16",
             Suite::ChaCha20Poly1305 => "chacha20poly1305",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ikev2_mapping_roundtrips() {
+        for s in Suite::ALL {
+            let bits = match s {
+                Suite::ChaCha20Poly1305 => None,
+                _ => Some((s.key_len() * 8) as u16),
+            };
+            assert_eq!(Suite::from_ikev2(s.ikev2_transform_id(), bits), Some(s));
+        }
+        assert_eq!(Suite::from_ikev2(20, Some(192)), None);
+        assert_eq!(Suite::from_ikev2(20, None), None);
+        assert_eq!(Suite::from_ikev2(12, Some(128)), None); // AES-CBC
     }
 }
