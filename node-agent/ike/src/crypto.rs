@@ -179,7 +179,7 @@ impl Prf {
         }
     }
     /// Output length, also the length of SK_d, SK_pi and SK_pr.
-    pub fn len(self) -> usize {
+    pub fn output_len(self) -> usize {
         match self {
             Prf::HmacSha256 => 32,
             Prf::HmacSha384 => 48,
@@ -460,7 +460,7 @@ impl IkeKeys {
         spi_r: u64,
     ) -> IkeKeys {
         let seed = [ni, nr, &spi_i.to_be_bytes(), &spi_r.to_be_bytes()].concat();
-        let p = prf.len();
+        let p = prf.output_len();
         let e = encr.keymat_len();
         let km = prf.prf_plus(skeyseed, &seed, 3 * p + 2 * e);
         let part = |from: usize, len: usize| {

@@ -505,18 +505,16 @@ impl Endpoint {
             }
             match sa.state {
                 State::HalfOpen => at(sa.created + self.config.half_open_timeout),
-                State::Established => {
-                    if sa.outstanding.is_none() {
-                        if let Some(d) = self.config.dpd_interval {
-                            at(sa.last_heard + d);
+                State::Established if sa.outstanding.is_none() => {
+                    if let Some(d) = self.config.dpd_interval {
+                        at(sa.last_heard + d);
+                    }
+                    if sa.initiator_of_rekeys() {
+                        if !sa.ike_rekey_done {
+                            at(sa.created + rekey_after(self.config.ike_lifetime));
                         }
-                        if sa.initiator_of_rekeys() {
-                            if !sa.ike_rekey_done {
-                                at(sa.created + rekey_after(self.config.ike_lifetime));
-                            }
-                            for c in sa.children.iter().filter(|c| !c.rekeying) {
-                                at(c.created + rekey_after(self.config.child_lifetime));
-                            }
+                        for c in sa.children.iter().filter(|c| !c.rekeying) {
+                            at(c.created + rekey_after(self.config.child_lifetime));
                         }
                     }
                 }
@@ -1046,6 +1044,9 @@ impl Endpoint {
         v
     }
 }
+
+/// CHILD SA key material: initiator-to-responder, then responder-to-initiator.
+type KeyPair = (Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>);
 
 fn rekey_after(lifetime: Duration) -> Duration {
     lifetime.mul_f64(0.9)
@@ -2126,7 +2127,7 @@ impl IkeSa {
         ni: &[u8],
         nr: &[u8],
         shared: Option<&[u8]>,
-    ) -> Option<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>)> {
+    ) -> Option<KeyPair> {
         let keys = self.keys.as_ref()?;
         let len = suite.keymat_len();
         let seed = [shared.unwrap_or_default(), ni, nr].concat();
@@ -2146,7 +2147,7 @@ impl IkeSa {
         suite: Suite,
         esn: bool,
         mode: ChildMode,
-        (ki_r, kr_i): (Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>),
+        (ki_r, kr_i): KeyPair,
         (local_ts, remote_ts): (TrafficSelector, TrafficSelector),
         rekeys: Option<u32>,
     ) {

@@ -380,3 +380,155 @@ fn child_and_ike_rekey_keep_traffic_flowing() {
     n.run();
     assert_eq!(child_keys(&n.ev_a).len(), 1, "{:?}", n.ev_a);
 }
+
+struct TestPki {
+    ca: Vec<u8>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+fn test_pki() -> TestPki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.distinguished_name.push(DnType::CommonName, "test CA");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = p.self_signed(&key).unwrap();
+    TestPki {
+        ca: cert.der().to_vec(),
+        issuer: Issuer::new(p, key),
+    }
+}
+
+fn cert_auth(
+    pki: &TestPki,
+    alg: &'static rcgen::SignatureAlgorithm,
+    san: &str,
+    pad_cn: usize,
+) -> AuthConfig {
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+    let key = KeyPair::generate_for(alg).unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    // A long CN makes the certificate big enough to need IKE fragmentation when asked.
+    p.distinguished_name
+        .push(DnType::CommonName, format!("{san}{}", "x".repeat(pad_cn)));
+    p.subject_alt_names = vec![SanType::IpAddress(ip(san))];
+    let cert = p.signed_by(&key, &pki.issuer).unwrap();
+    AuthConfig::Certificate {
+        cert: cert.der().to_vec(),
+        key_pkcs8: Zeroizing::new(key.serialize_der()),
+        cas: vec![pki.ca.clone()],
+    }
+}
+
+#[test]
+fn certificates_ecdsa_and_ed25519() {
+    let pki = test_pki();
+    for (alg_a, alg_b) in [
+        (
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        ),
+        (&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P256_SHA256),
+        (&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ED25519),
+    ] {
+        let n = established(
+            Config::new(ip(A), cert_auth(&pki, alg_a, A, 0)),
+            Config::new(ip(B), cert_auth(&pki, alg_b, B, 0)),
+        );
+        assert!(
+            failures(&n.ev_a).is_empty() && failures(&n.ev_b).is_empty(),
+            "{:?} {:?}",
+            n.ev_a,
+            n.ev_b
+        );
+        assert!(n.ev_a.iter().any(
+            |e| matches!(e, Event::IkeSaUp { peer_identity: Identity::Ip(p), .. } if *p == ip(B))
+        ));
+        assert_esp_works(&child_keys(&n.ev_a)[0], &child_keys(&n.ev_b)[0]);
+    }
+}
+
+#[test]
+fn certificate_from_another_ca_or_for_another_address_is_refused() {
+    let pki = test_pki();
+    let other = test_pki();
+    // B's certificate is from a CA that A does not trust.
+    let n = established(
+        Config::new(ip(A), cert_auth(&pki, &rcgen::PKCS_ECDSA_P256_SHA256, A, 0)),
+        Config::new(
+            ip(B),
+            cert_auth(&other, &rcgen::PKCS_ECDSA_P256_SHA256, B, 0),
+        ),
+    );
+    assert_eq!(
+        failures(&n.ev_b),
+        vec![FailReason::AuthenticationFailed],
+        "{:?}",
+        n.ev_b
+    );
+    assert_eq!(failures(&n.ev_a), vec![FailReason::AuthenticationFailed]);
+    // A's certificate names another address than the ID it sends.
+    let n = established(
+        Config::new(
+            ip(A),
+            cert_auth(&pki, &rcgen::PKCS_ECDSA_P256_SHA256, "198.51.100.99", 0),
+        ),
+        Config::new(ip(B), cert_auth(&pki, &rcgen::PKCS_ECDSA_P256_SHA256, B, 0)),
+    );
+    assert_eq!(failures(&n.ev_b), vec![FailReason::AuthenticationFailed]);
+    match n.ev_b.iter().find(|e| matches!(e, Event::Failed { .. })) {
+        Some(Event::Failed { detail, .. }) => {
+            assert!(detail.contains("does not cover its ID"), "{detail}")
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn large_ike_auth_is_fragmented_and_reassembled() {
+    let pki = test_pki();
+    let mut ca = Config::new(
+        ip(A),
+        cert_auth(&pki, &rcgen::PKCS_ECDSA_P256_SHA256, A, 40),
+    );
+    ca.fragment_size = 576;
+    let mut cb = Config::new(
+        ip(B),
+        cert_auth(&pki, &rcgen::PKCS_ECDSA_P256_SHA256, B, 40),
+    );
+    cb.fragment_size = 576;
+    let n = established(ca, cb);
+    assert!(
+        failures(&n.ev_a).is_empty() && failures(&n.ev_b).is_empty(),
+        "{:?} {:?}",
+        n.ev_a,
+        n.ev_b
+    );
+    assert_eq!(child_keys(&n.ev_a).len(), 1);
+    // IKE_AUTH went in SKF fragments no larger than the configured size.
+    let auth: Vec<_> = n.wire.iter().skip(2).collect();
+    assert!(
+        auth.len() > 2,
+        "IKE_AUTH was not fragmented: {} datagrams",
+        auth.len()
+    );
+    assert!(
+        auth.iter().all(|t| t.payload.len() <= 576),
+        "{:?}",
+        auth.iter().map(|t| t.payload.len()).collect::<Vec<_>>()
+    );
+    let skf = auth.iter().filter(|t| {
+        let m = dmvpn_ike::wire::Message::decode(&t.payload).unwrap();
+        matches!(
+            m.payloads.last(),
+            Some(dmvpn_ike::wire::Payload::Skf { .. })
+        )
+    });
+    assert!(skf.count() > 2);
+}
