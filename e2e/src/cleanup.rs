@@ -214,7 +214,7 @@ fn netns_pids(name: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-fn delete_netns(names: &[String]) {
+pub(crate) fn delete_netns(names: &[String]) {
     // Anything still running inside our own namespaces was started by us: stop it by PID.
     let mut left: Vec<i32> = Vec::new();
     for n in names {

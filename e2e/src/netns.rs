@@ -137,6 +137,13 @@ impl Netns {
         &self.name
     }
 
+    /// Delete this namespace now: processes still running in it are stopped by PID first.
+    /// (Normally the lab's cleanup does this for every namespace.)
+    pub fn delete(self) {
+        cleanup::unregister_netns(&self.name);
+        cleanup::delete_netns(std::slice::from_ref(&self.name));
+    }
+
     /// `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))

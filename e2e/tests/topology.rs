@@ -155,3 +155,25 @@ fn capture_sees_forwarded_underlay_traffic() {
         "IPv6 in an IPv4-only lab"
     );
 }
+
+#[test]
+fn factory_creates_and_deletes_namespaces() {
+    if !common::root_or_skip("factory_creates_and_deletes_namespaces") {
+        return;
+    }
+    let _g = common::serial();
+    let f = dmvpn_e2e::netns::NsFactory::new();
+    let a = f.create("a").unwrap();
+    let b = f.create("b").unwrap();
+    a.veth_to("va", &b, "vb").unwrap();
+    a.addr_add("va", "10.77.0.1/30").unwrap();
+    b.addr_add("vb", "10.77.0.2/30").unwrap();
+    assert!(a.ping("10.77.0.2", 1, "0.2").unwrap().ok());
+    let name_a = a.name().to_string();
+    a.delete();
+    assert!(common::namespaces_with(&name_a).is_empty());
+    // The peer end goes with namespace a (the kernel dismantles a namespace asynchronously).
+    assert!(common::wait_until(Duration::from_secs(5), || !b.has_link("vb")));
+    f.cleanup();
+    assert!(common::namespaces_with(f.prefix()).is_empty());
+}
