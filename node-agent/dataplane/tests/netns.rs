@@ -9,7 +9,10 @@
 //! Checks: A → B goes through the hub (hub forwarding counter grows, Hairpin at the hub,
 //! Miss at A); with direct neighbours on A and B it no longer does (hub counter still,
 //! Used at A); NHRP packets arrive as events; kernel routes follow set/del_route; a wrong
-//! GRE key is dropped and counted, not delivered.
+//! GRE key is dropped and counted, not delivered. `kernel_ip_gre_interop` checks the same
+//! against a Linux `ip_gre` spoke where the kernel has GRE; elsewhere, run the test binary
+//! (`cargo test -p dmvpn-dataplane --test netns --no-run` prints its path) from a script
+//! under the test tools' `vm/in-vm.sh`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::process::Command;
@@ -570,4 +573,127 @@ fn iperf3_throughput() {
         "A counters: {}",
         serde_json::to_string(&lab.a.counters()).unwrap()
     );
+}
+
+/// Interop with the Linux kernel's own mGRE (`ip_gre`): spoke K is a kernel multipoint GRE
+/// device (key 42, NHRP-style static neighbour entries with the NBMA address as lladdr);
+/// hub and spoke B are userspace data planes. K ↔ hub and K ↔ B through the hub. Needs a
+/// kernel with `ip_gre` (the sandbox host has none: run it in the VM with
+/// `vm/in-vm.sh`); skipped with a message otherwise.
+#[test]
+fn kernel_ip_gre_interop() {
+    if !have_tools("kernel_ip_gre_interop", &["ip", "ping"]) {
+        return;
+    }
+    let p = format!("dpt{}k", std::process::id());
+    let (sw, nh, nk, nb) = (
+        format!("{p}-sw"),
+        format!("{p}-hub"),
+        format!("{p}-k"),
+        format!("{p}-b"),
+    );
+    let mut nss = Namespaces(Vec::new());
+    nss.add(&nk);
+    let probe = {
+        let _lock = netns_lock();
+        Command::new("ip")
+            .args(["-n", &nk, "link", "add", "gre1", "type", "gre", "key", "42"])
+            .args(["local", "198.51.100.2", "ttl", "64"])
+            .output()
+            .unwrap()
+    };
+    if !probe.status.success() {
+        eprintln!(
+            "SKIP kernel_ip_gre_interop: this kernel has no ip_gre ({}); run it in the VM",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        );
+        return;
+    }
+    nss.add(&sw);
+    run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+    run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+    for (i, ns) in [&nh, &nk, &nb].into_iter().enumerate() {
+        if *ns != nk {
+            nss.add(ns);
+        }
+        let port = format!("p{i}");
+        run(&[
+            "ip", "-n", ns, "link", "add", "e0", "type", "veth", "peer", "name", &port, "netns",
+            &sw,
+        ]);
+        run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+        let addr = format!("198.51.100.{}/24", i + 1);
+        run(&["ip", "-n", ns, "addr", "add", &addr, "dev", "e0"]);
+        run(&["ip", "-n", ns, "link", "set", "e0", "up"]);
+    }
+    // Kernel spoke: overlay 10.42.0.2/24 on the mGRE device; everything in the tunnel
+    // network goes to the hub's NBMA address (as nhrpd would program before a shortcut).
+    run(&[
+        "ip",
+        "-n",
+        &nk,
+        "addr",
+        "add",
+        "10.42.0.2/24",
+        "dev",
+        "gre1",
+    ]);
+    run(&["ip", "-n", &nk, "link", "set", "gre1", "up"]);
+    for peer in ["10.42.0.1", "10.42.0.3"] {
+        run(&[
+            "ip",
+            "-n",
+            &nk,
+            "neigh",
+            "replace",
+            peer,
+            "lladdr",
+            "198.51.100.1",
+            "dev",
+            "gre1",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let hub = Node::start(
+        &nh,
+        config(
+            "10.42.0.1/24",
+            "fd00:42::1/64",
+            [198, 51, 100, 1],
+            true,
+            true,
+        ),
+    );
+    let b = Node::start(
+        &nb,
+        config(
+            "10.42.0.3/24",
+            "fd00:42::3/64",
+            [198, 51, 100, 3],
+            false,
+            true,
+        ),
+    );
+    hub.set_neighbor("10.42.0.2", "198.51.100.2");
+    hub.set_neighbor("10.42.0.3", "198.51.100.3");
+    b.set_neighbor("10.42.0.1", "198.51.100.1");
+    b.set_route("10.42.0.0/24", "10.42.0.1");
+
+    assert!(
+        ping(&nk, "10.42.0.1"),
+        "kernel spoke cannot reach the userspace hub"
+    );
+    assert!(
+        ping(&nh, "10.42.0.2"),
+        "userspace hub cannot reach the kernel spoke"
+    );
+    let before = hub.counters().hub_forwarded_packets;
+    assert!(
+        ping(&nk, "10.42.0.3"),
+        "kernel spoke cannot reach B through the hub"
+    );
+    assert!(hub.counters().hub_forwarded_packets >= before + 6);
+    let c = hub.counters();
+    assert_eq!(c.drops.bad_gre + c.drops.wrong_key, 0, "{c:?}");
 }

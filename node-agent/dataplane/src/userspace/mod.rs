@@ -2,6 +2,11 @@
 //! (protocol 47) for the underlay. It needs no `ip_gre` module, only CAP_NET_ADMIN and
 //! CAP_NET_RAW.
 //!
+//! Where `ip_gre` is loaded, the kernel also sees every GRE packet and answers those that
+//! match none of its tunnels with (rate-limited) ICMP port unreachable; traffic still flows
+//! (verified against the Debian 6.1 kernel), but such hosts should use the kernel data
+//! plane. `start` logs a warning.
+//!
 //! Two tasks move packets, each in batches with preallocated buffers:
 //! - TUN → look up the destination (one snapshot load per batch) → GRE-encapsulate in
 //!   place (headroom before the packet) → `sendmmsg` to the neighbours' NBMA addresses;
@@ -256,6 +261,15 @@ impl UserspaceDataPlane {
         let ifindex = tun.if_index().map_err(tun_err)?;
         let netlink = Netlink::open(ifindex, cfg.kernel_route_metric)?;
         netlink.configure(&cfg.addresses).await?;
+        if std::path::Path::new("/sys/module/ip_gre").exists() {
+            // ip_gre sees every GRE packet too (raw sockets get a copy) and answers those
+            // that match none of its tunnels with ICMP port unreachable (rate-limited).
+            tracing::warn!(
+                "the ip_gre kernel module is loaded: the kernel will answer received GRE \
+                 packets with ICMP port unreachable; prefer the kernel data plane on this host \
+                 or unload ip_gre"
+            );
+        }
         let sock = open_socket(&cfg).map_err(|source| DataPlaneError::Socket { source })?;
         // SAFETY: the socket2 `Socket` owns its descriptor, which stays open and unchanged
         // until the `AsyncFd` (its owner) is dropped.
