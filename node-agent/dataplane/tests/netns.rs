@@ -206,6 +206,7 @@ fn ping(ns: &str, dst: &str) -> bool {
             "netns", "exec", ns, "ping", "-n", "-q", "-c", "3", "-i", "0.2",
         ])
         .args(["-w", "10", dst])
+        .stdout(std::process::Stdio::null())
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
