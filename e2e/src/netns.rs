@@ -119,6 +119,13 @@ impl NsFactory {
     }
 }
 
+/// The factory is itself a guard: dropping it (also on panic) removes what it created.
+impl Drop for NsFactory {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
 impl Default for NsFactory {
     fn default() -> Self {
         Self::new()

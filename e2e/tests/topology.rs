@@ -174,6 +174,7 @@ fn factory_creates_and_deletes_namespaces() {
     assert!(common::namespaces_with(&name_a).is_empty());
     // The peer end goes with namespace a (the kernel dismantles a namespace asynchronously).
     assert!(common::wait_until(Duration::from_secs(5), || !b.has_link("vb")));
-    f.cleanup();
-    assert!(common::namespaces_with(f.prefix()).is_empty());
+    let prefix = f.prefix().to_string();
+    drop(f);
+    assert!(common::namespaces_with(&prefix).is_empty());
 }
