@@ -92,6 +92,41 @@ fn check_with_capture_leaves_nothing_behind() {
         text.lines().count() > 10,
         "few GRE packets in the capture:\n{text}"
     );
+    // After the shortcut, spoke 1 and spoke 2 talk GRE directly on the underlay (the burst
+    // alone is 50 requests and 50 replies).
+    let direct = |src: &str, dst: &str| {
+        let r = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&pcap)
+            .arg(format!("proto gre and src host {src} and dst host {dst}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&r.stdout).lines().count()
+    };
+    assert!(direct("198.51.100.11", "198.51.100.12") >= 50);
+    assert!(direct("198.51.100.12", "198.51.100.11") >= 50);
+    // The NHRP exchange of phase 3, as Wireshark decodes it (when tshark is installed).
+    if let Ok(t) = Command::new("tshark")
+        .args(["-n", "-r"])
+        .arg(&pcap)
+        .args(["-Y", "nhrp"])
+        .output()
+    {
+        let text = String::from_utf8_lossy(&t.stdout);
+        for what in [
+            "Registration Request",
+            "Registration Reply",
+            "Traffic Indication",
+            "Resolution Request",
+            "Resolution Reply",
+            "Purge Request",
+        ] {
+            assert!(
+                text.contains(what),
+                "no NHRP {what} in the capture:\n{text}"
+            );
+        }
+    }
 }
 
 #[test]
