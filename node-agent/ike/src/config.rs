@@ -62,6 +62,9 @@ pub struct Config {
     /// Offer extended sequence numbers (we accept either when responding).
     pub esn: bool,
     pub mode: ChildMode,
+    /// Perfect forward secrecy for rekeyed CHILD SAs: a fresh key exchange (first group of
+    /// `ike_dh`) in each CREATE_CHILD_SA. The peer must allow a DH group in its ESP proposal.
+    pub child_pfs: bool,
     /// IP protocol of the traffic selectors (47, GRE, for DMVPN; 0 for any).
     pub ts_protocol: u8,
     /// Lifetimes; rekeying starts at 90 % of them.
@@ -100,6 +103,7 @@ impl Config {
             esp_suites: vec![Suite::Aes256Gcm, Suite::ChaCha20Poly1305],
             esn: true,
             mode: ChildMode::Transport,
+            child_pfs: true,
             ts_protocol: 47,
             ike_lifetime: Duration::from_secs(4 * 3600),
             child_lifetime: Duration::from_secs(3600),

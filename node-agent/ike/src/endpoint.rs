@@ -124,6 +124,10 @@ pub enum Event {
     IkeSaDown {
         peer: IpAddr,
     },
+    /// The IKE SA with `peer` was rekeyed (CREATE_CHILD_SA); its CHILD SAs are unchanged.
+    IkeSaRekeyed {
+        peer: IpAddr,
+    },
     ChildSaUp {
         peer: IpAddr,
         keys: ChildSaKeys,
@@ -167,6 +171,8 @@ enum State {
     Established,
     /// Our delete of the IKE SA is outstanding.
     Deleting,
+    /// Replaced by a rekeyed IKE SA: only answers retransmissions and the delete of itself.
+    Rekeyed,
 }
 
 #[derive(Debug, Clone)]
@@ -504,7 +510,7 @@ impl Endpoint {
                 at(o.deadline);
             }
             match sa.state {
-                State::HalfOpen => at(sa.created + self.config.half_open_timeout),
+                State::HalfOpen | State::Rekeyed => at(sa.created + self.config.half_open_timeout),
                 State::Established if sa.outstanding.is_none() => {
                     if let Some(d) = self.config.dpd_interval {
                         at(sa.last_heard + d);
@@ -532,11 +538,9 @@ impl Endpoint {
         if peer.is_ipv4() != self.config.local_addr.is_ipv4() {
             return Err(CommandError::Family(peer));
         }
-        if self
-            .sas
-            .values()
-            .any(|sa| sa.remote.ip() == peer && sa.state != State::Deleting)
-        {
+        if self.sas.values().any(|sa| {
+            sa.remote.ip() == peer && !matches!(sa.state, State::Deleting | State::Rekeyed)
+        }) {
             return Ok(());
         }
         let spi = crate::crypto::random_spi64()?;
@@ -653,8 +657,8 @@ impl Endpoint {
             .ok_or(CommandError::NoSa(peer))?;
         f(sa, &mut ctx);
         let moved = ctx.moved.take();
-        if let Some((old, new)) = moved {
-            self.rehome(old, new);
+        if let Some((old, new, zombie)) = moved {
+            self.rehome(old, new, zombie);
         }
         Ok(())
     }
@@ -679,10 +683,12 @@ impl Endpoint {
         }
     }
 
-    /// Moves an IKE SA to a new map key after an IKE rekey changed our SPI.
-    fn rehome(&mut self, old: u64, new: u64) {
+    /// Moves an IKE SA to a new map key after an IKE rekey changed our SPI; the old SA's
+    /// remains stay under the old key until deleted.
+    fn rehome(&mut self, old: u64, new: u64, zombie: Box<IkeSa>) {
         if let Some(sa) = self.sas.remove(&old) {
             self.sas.insert(new, sa);
+            self.sas.insert(old, *zombie);
         }
     }
 
@@ -718,8 +724,8 @@ impl Endpoint {
         for spi in dead {
             self.remove_sa(spi);
         }
-        for (old, new) in moves {
-            self.rehome(old, new);
+        for (old, new, zombie) in moves {
+            self.rehome(old, new, zombie);
         }
     }
 
@@ -799,8 +805,8 @@ impl Endpoint {
             }
             self.init_index.retain(|_, v| *v != our_spi);
         }
-        if let Some((old, new)) = moved {
-            self.rehome(old, new);
+        if let Some((old, new, zombie)) = moved {
+            self.rehome(old, new, zombie);
         }
     }
 
@@ -1060,8 +1066,9 @@ struct Ctx<'a> {
     now: Instant,
     out: &'a mut VecDeque<Transmit>,
     events: &'a mut VecDeque<Event>,
-    /// Set when an IKE rekey moved the SA to a new SPI of ours: (old, new).
-    moved: Option<(u64, u64)>,
+    /// Set when an IKE rekey moved the SA to a new SPI of ours: (old, new, the old SA kept
+    /// under the old SPI until it is deleted).
+    moved: Option<(u64, u64, Box<IkeSa>)>,
 }
 
 impl<'a> Ctx<'a> {
@@ -1348,6 +1355,12 @@ impl IkeSa {
     /// Returns false when the SA is finished and must be removed.
     fn on_timeout(&mut self, ctx: &mut Ctx<'_>) -> bool {
         let now = ctx.now;
+        if self.state == State::Rekeyed
+            && self.outstanding.is_none()
+            && now >= self.created + ctx.config.half_open_timeout
+        {
+            return false;
+        }
         if let Some(o) = &mut self.outstanding {
             if now < o.deadline {
                 return true;
@@ -1359,7 +1372,7 @@ impl IkeSa {
                     State::AuthSent => "IKE_AUTH",
                     _ => "request",
                 };
-                if self.state != State::Deleting {
+                if !matches!(self.state, State::Deleting | State::Rekeyed) {
                     ctx.fail(
                         peer,
                         FailReason::Timeout,
@@ -1482,12 +1495,19 @@ impl IkeSa {
                         Vec::new(),
                     )));
                 }
-                inner.push(Payload::Sa(vec![esp_proposal(
+                let mut proposal = esp_proposal(
                     1,
                     new_spi,
                     &ctx.config.esp_suites,
-                    ctx.config.esn.then_some(true).or(Some(false)),
-                )]));
+                    if ctx.config.esn { None } else { Some(false) },
+                );
+                if let Some(s) = &share {
+                    // PFS: the proposal names the group of our KE payload.
+                    proposal
+                        .transforms
+                        .push(Transform::new(transform::DH, s.group().id()));
+                }
+                inner.push(Payload::Sa(vec![proposal]));
                 inner.push(Payload::Nonce(nonce.clone()));
                 if let Some(s) = &share {
                     inner.push(Payload::Ke {
@@ -2788,7 +2808,7 @@ impl IkeSa {
         let keys = IkeKeys::derive_rekey(
             old.prf, &old.sk_d, prf, encr, &shared, ni, &nr, peer_spi, new_spi,
         );
-        self.switch_ike(ctx, keys, false, peer_spi, new_spi);
+        self.switch_ike(ctx, keys, false, peer_spi, new_spi, false);
     }
 
     fn rekey_ike_response(
@@ -2863,17 +2883,8 @@ impl IkeSa {
         let keys = IkeKeys::derive_rekey(
             old.prf, &old.sk_d, prf, encr, &shared, ni, &nr, new_spi, peer_spi,
         );
-        // Delete the old IKE SA under its old keys, then continue under the new ones.
-        let d = Payload::Delete(Delete {
-            protocol: protocol::IKE,
-            spi_size: 0,
-            spis: Vec::new(),
-        });
-        let id = self.next_request_id;
-        let h = self.header(exchange::INFORMATIONAL, false, id);
-        let dg = self.seal(ctx, h, &[d]);
-        self.emit(ctx, &dg);
-        self.switch_ike(ctx, keys, true, new_spi, peer_spi);
+        // Continue under the new keys; the old SA deletes itself (RFC 7296 §2.18).
+        self.switch_ike(ctx, keys, true, new_spi, peer_spi, true);
         true
     }
 
@@ -2885,8 +2896,30 @@ impl IkeSa {
         initiator: bool,
         spi_i: u64,
         spi_r: u64,
+        delete_old: bool,
     ) {
         let old = self.our_spi();
+        // The old SA keeps its keys to answer retransmissions and the delete, or to send it.
+        let mut zombie = IkeSa::new(
+            self.initiator,
+            self.spi_i,
+            self.spi_r,
+            self.local,
+            self.remote,
+            ctx.now,
+        );
+        zombie.state = State::Rekeyed;
+        zombie.tx = self.tx.take();
+        zombie.rx = self.rx.take();
+        zombie.nat = self.nat;
+        zombie.peer_fragments = self.peer_fragments;
+        zombie.next_request_id = self.next_request_id;
+        zombie.expected_request_id = self.expected_request_id;
+        zombie.last_response = self.last_response.take();
+        if delete_old {
+            zombie.pending.push_back(Request::DeleteIke);
+            zombie.pump(ctx);
+        }
         self.initiator = initiator;
         self.spi_i = spi_i;
         self.spi_r = spi_r;
@@ -2897,6 +2930,9 @@ impl IkeSa {
         self.outstanding = None;
         self.created = ctx.now;
         self.ike_rekey_done = false;
-        ctx.moved = Some((old, self.our_spi()));
+        ctx.moved = Some((old, self.our_spi(), Box::new(zombie)));
+        ctx.events.push_back(Event::IkeSaRekeyed {
+            peer: self.remote.ip(),
+        });
     }
 }

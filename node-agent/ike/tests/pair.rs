@@ -374,6 +374,9 @@ fn child_and_ike_rekey_keep_traffic_flowing() {
     n.a.rekey_ike(n.now, ip(B)).unwrap();
     n.run();
     assert!(failures(&n.ev_a).is_empty() && failures(&n.ev_b).is_empty());
+    // The old IKE SA was deleted on both sides; its CHILD SA moved to the new one.
+    assert_eq!((n.a.ike_sa_count(), n.b.ike_sa_count()), (1, 1));
+    assert!(!n.ev_a.iter().any(|e| matches!(e, Event::IkeSaDown { .. })));
     // The rekeyed IKE SA still works: liveness and another child rekey.
     n.ev_a.clear();
     n.a.rekey_child(n.now, ip(B)).unwrap();

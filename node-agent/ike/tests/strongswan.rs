@@ -122,6 +122,11 @@ impl Drop for Lab {
 impl Lab {
     /// `child_mode` is `tunnel` or `transport`.
     fn start(auth: &Auth, child_mode: &str, capture: bool) -> Lab {
+        Self::start_with(auth, child_mode, capture, "aes256gcm16")
+    }
+
+    /// `esp` is charon's `esp_proposals` (libipsec: no ESN).
+    fn start_with(auth: &Auth, child_mode: &str, capture: bool, esp: &str) -> Lab {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let dir = tempfile::tempdir().unwrap();
@@ -266,7 +271,7 @@ swanctl {{ socket = unix://{vici} }}
       gre {{
         local_ts = dynamic[gre]
         remote_ts = dynamic[gre]
-        esp_proposals = aes256gcm16
+        esp_proposals = {esp}
         mode = {child_mode}
       }}
     }}
@@ -730,4 +735,112 @@ fn tshark_decodes_our_ike_cleanly() {
         bad.is_empty(),
         "tshark found malformed/expert warnings: {bad:?}"
     );
+}
+
+#[test]
+fn we_rekey_child_with_pfs_and_ike() {
+    if !runnable() {
+        return;
+    }
+    let lab = Lab::start_with(&Auth::Psk(PSK), "tunnel", false, "aes256gcm16-x25519");
+    let peer = lab.peer(&s(&[
+        "--initiate",
+        SWAN_IP,
+        "--psk",
+        PSK,
+        "--mode",
+        "tunnel",
+        "--stay",
+        "3",
+        "--esp-probe",
+        "--rekey",
+        "--rekey-ike",
+    ]));
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.gre_from_swan();
+    let (ok, out) = finish(peer);
+    let sas = lab.swan(&["--list-sas"]);
+    let log = lab.charon_log();
+    assert!(ok, "{out}\n{log}");
+    assert!(
+        out.contains("REKEYED") && out.contains("IKE_SA_REKEYED"),
+        "{out}\n{log}"
+    );
+    assert!(
+        out.contains("CHILD_SA_DOWN"),
+        "old CHILD SA not deleted: {out}"
+    );
+    assert!(log.contains("rekeyed between 198.51.100.1"), "{log}");
+    assert!(
+        sas.contains("INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-256/CURVE_25519"),
+        "{sas}"
+    );
+    assert_eq!(sas.matches("ESTABLISHED, IKEv2").count(), 1, "{sas}");
+    let in_line = sas
+        .lines()
+        .skip_while(|l| !l.contains("INSTALLED"))
+        .find(|l| l.trim_start().starts_with("in "))
+        .unwrap_or_default();
+    assert!(
+        !in_line.contains(" 0 packets"),
+        "no ESP on the rekeyed SA: {sas}"
+    );
+    // charon's ESP on the new SA opened with our new keys.
+    let after = out.split("REKEYED").last().unwrap_or_default();
+    assert!(after.matches("ESP_IN spi=").count() >= 3, "{out}");
+}
+
+#[test]
+fn charon_rekeys_child_and_ike() {
+    if !runnable() {
+        return;
+    }
+    let lab = Lab::start_with(&Auth::Psk(PSK), "tunnel", false, "aes256gcm16-x25519");
+    let peer = lab.peer(&s(&[
+        "--psk",
+        PSK,
+        "--mode",
+        "tunnel",
+        "--stay",
+        "4",
+        "--esp-probe",
+    ]));
+    std::thread::sleep(Duration::from_millis(300));
+    let init = lab.swan(&["--initiate", "--child", "gre", "--timeout", "10"]);
+    assert!(
+        init.contains("initiate completed successfully"),
+        "{init}\n{}",
+        lab.charon_log()
+    );
+    let r = lab.swan(&["--rekey", "--child", "gre"]);
+    assert!(
+        r.contains("rekey completed successfully"),
+        "{r}\n{}",
+        lab.charon_log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let r = lab.swan(&["--rekey", "--ike", "peer"]);
+    assert!(
+        r.contains("rekey completed successfully"),
+        "{r}\n{}",
+        lab.charon_log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    lab.gre_from_swan();
+    let (ok, out) = finish(peer);
+    let sas = lab.swan(&["--list-sas"]);
+    let log = lab.charon_log();
+    assert!(ok, "{out}\n{log}");
+    assert!(
+        out.contains("REKEYED") && out.contains("IKE_SA_REKEYED") && out.contains("CHILD_SA_DOWN"),
+        "{out}\n{log}"
+    );
+    assert_eq!(sas.matches("ESTABLISHED, IKEv2").count(), 1, "{sas}");
+    assert!(sas.contains("INSTALLED, TUNNEL-in-UDP"), "{sas}");
+    assert!(
+        log.contains("IKE_SA deleted"),
+        "old IKE SA not deleted cleanly: {log}"
+    );
+    let after = out.split("REKEYED").last().unwrap_or_default();
+    assert!(after.matches("ESP_IN spi=").count() >= 3, "{out}");
 }

@@ -6,7 +6,7 @@
 //! ```text
 //! ike-peer --local 198.51.100.2 [--initiate 198.51.100.1] (--psk SECRET | --cert C.der --key K.p8 --ca CA.der)
 //!          [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS]
-//!          [--rekey] [--delete] [--esp-probe]
+//!          [--rekey] [--rekey-ike] [--no-pfs] [--delete] [--esp-probe]
 //!
 //! `--esp-probe` installs the CHILD SA in `dmvpn_esp`, sends one ESP packet per second (a GRE
 //! packet, inside an IPv4 header in tunnel mode) and prints `ESP_IN` for each ESP packet that
@@ -29,12 +29,13 @@ struct Args {
     delete: bool,
     timeout: Duration,
     esp_probe: bool,
+    rekey_ike: bool,
 }
 
 fn usage(msg: &str) -> String {
     format!(
         "{msg}\nusage: ike-peer --local IP [--initiate IP] (--psk SECRET | --cert C.der --key K.p8 --ca CA.der) \
-         [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS] [--rekey] [--delete] [--timeout SECS] [--esp-probe]"
+         [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS] [--rekey] [--rekey-ike] [--no-pfs] [--delete] [--timeout SECS] [--esp-probe]"
     )
 }
 
@@ -57,6 +58,8 @@ fn parse() -> Result<Args, String> {
     let mut delete = false;
     let mut timeout = Duration::from_secs(20);
     let mut esp_probe = false;
+    let mut rekey_ike = false;
+    let mut no_pfs = false;
     while let Some(a) = it.next() {
         let mut val = || {
             it.next()
@@ -118,6 +121,8 @@ fn parse() -> Result<Args, String> {
             "--rekey" => rekey = true,
             "--delete" => delete = true,
             "--esp-probe" => esp_probe = true,
+            "--rekey-ike" => rekey_ike = true,
+            "--no-pfs" => no_pfs = true,
             _ => return Err(usage(&format!("unknown argument {a}"))),
         }
     }
@@ -134,6 +139,7 @@ fn parse() -> Result<Args, String> {
     let mut config = Config::new(local, auth);
     config.mode = mode;
     config.force_udp_encap = encap;
+    config.child_pfs = !no_pfs;
     if let Some(id) = id {
         config.local_id = id;
     }
@@ -149,6 +155,7 @@ fn parse() -> Result<Args, String> {
         delete,
         timeout,
         esp_probe,
+        rekey_ike,
     })
 }
 
@@ -187,6 +194,8 @@ fn run(args: Args) -> Result<ExitCode, String> {
     let mut result = None;
     let mut peer_up = None;
     let mut did_rekey = false;
+    let mut did_rekey_ike = false;
+    let mut rekeyed_child = false;
     let mut probe: Option<Probe> = None;
     loop {
         let now = Instant::now();
@@ -254,6 +263,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     );
                     if rekeys.is_some() {
                         println!("REKEYED");
+                        rekeyed_child = true;
                     }
                     if args.esp_probe {
                         match Probe::new(now, args.local, *peer, keys) {
@@ -274,6 +284,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     println!("CHILD_SA_DOWN peer={peer} spi_in={spi_in:08x} spi_out={spi_out:08x}")
                 }
                 Event::IkeSaDown { peer } => println!("IKE_SA_DOWN peer={peer}"),
+                Event::IkeSaRekeyed { peer } => println!("IKE_SA_REKEYED peer={peer}"),
                 Event::Failed {
                     peer,
                     reason,
@@ -293,7 +304,20 @@ fn run(args: Args) -> Result<ExitCode, String> {
             && let Some(p) = peer_up
         {
             did_rekey = true;
-            let _ = ep.rekey_child(now, p);
+            if let Err(e) = ep.rekey_child(now, p) {
+                println!("REKEY_ERROR {e}");
+            }
+        }
+        if args.rekey_ike
+            && !did_rekey_ike
+            && result == Some(0)
+            && (rekeyed_child || !args.rekey)
+            && let Some(p) = peer_up
+        {
+            did_rekey_ike = true;
+            if let Err(e) = ep.rekey_ike(now, p) {
+                println!("REKEY_ERROR {e}");
+            }
         }
         if let Some(d) = done_at
             && now >= d
