@@ -67,6 +67,23 @@ fn ip_cmd(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
+/// Deviations from the default charon configuration.
+struct Opts {
+    charon_extra: &'static str,
+    ike: &'static str,
+    ts: &'static str,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            charon_extra: "",
+            ike: "aes256gcm16-prfsha256-x25519",
+            ts: "gre",
+        }
+    }
+}
+
 /// Credentials for one side.
 enum Auth {
     Psk(&'static str),
@@ -127,6 +144,10 @@ impl Lab {
 
     /// `esp` is charon's `esp_proposals` (libipsec: no ESN).
     fn start_with(auth: &Auth, child_mode: &str, capture: bool, esp: &str) -> Lab {
+        Self::start_opts(auth, child_mode, capture, esp, &Opts::default())
+    }
+
+    fn start_opts(auth: &Auth, child_mode: &str, capture: bool, esp: &str, opts: &Opts) -> Lab {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let dir = tempfile::tempdir().unwrap();
@@ -207,6 +228,7 @@ impl Lab {
             format!(
                 "charon {{
   load_modular = no
+  {charon_extra}
   load = random nonce openssl aes sha1 sha2 hmac kdf gcm chapoly pem pkcs1 pkcs8 x509 pubkey curve25519 constraints kernel-libipsec kernel-netlink socket-default vici updown
   filelog {{
     log {{ path = {log}
@@ -226,7 +248,8 @@ impl Lab {
 swanctl {{ socket = unix://{vici} }}
 ",
                 log = d.join("charon.log").display(),
-                vici = vici.display()
+                vici = vici.display(),
+                charon_extra = opts.charon_extra
             ),
         )
         .unwrap();
@@ -261,16 +284,17 @@ swanctl {{ socket = unix://{vici} }}
     version = 2
     local_addrs = {SWAN_IP}
     remote_addrs = {OUR_IP}
-    proposals = aes256gcm16-prfsha256-x25519
+    proposals = {ike}
     send_certreq = yes
+    fragmentation = yes
     local {{ {local_auth}
             id = {SWAN_IP} }}
     remote {{ {remote_auth}
              id = {OUR_IP} }}
     children {{
       gre {{
-        local_ts = dynamic[gre]
-        remote_ts = dynamic[gre]
+        local_ts = dynamic[{ts}]
+        remote_ts = dynamic[{ts}]
         esp_proposals = {esp}
         mode = {child_mode}
       }}
@@ -278,7 +302,9 @@ swanctl {{ socket = unix://{vici} }}
   }}
 }}
 {secrets}
-"
+",
+                ike = opts.ike,
+                ts = opts.ts,
             ),
         )
         .unwrap();
@@ -400,6 +426,11 @@ struct Pki {
 }
 
 fn pki(our_alg: &'static rcgen::SignatureAlgorithm, our_san: &str) -> Pki {
+    pki_sized(our_alg, our_san, 0)
+}
+
+/// `extra_sans` DNS names make the certificates big enough for IKE fragmentation.
+fn pki_sized(our_alg: &'static rcgen::SignatureAlgorithm, our_san: &str, extra_sans: usize) -> Pki {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
         SanType,
@@ -421,6 +452,11 @@ fn pki(our_alg: &'static rcgen::SignatureAlgorithm, our_san: &str) -> Pki {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(DnType::CommonName, ip);
         p.subject_alt_names = vec![SanType::IpAddress(ip.parse::<IpAddr>().unwrap())];
+        for i in 0..extra_sans {
+            p.subject_alt_names.push(SanType::DnsName(
+                format!("padding-{i}.dmvpn.invalid").try_into().unwrap(),
+            ));
+        }
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = p.signed_by(&key, &issuer).unwrap();
         (cert, key)
@@ -438,7 +474,11 @@ fn pki(our_alg: &'static rcgen::SignatureAlgorithm, our_san: &str) -> Pki {
 }
 
 fn cert_lab(pki: &Pki, mode: &str) -> (Lab, Vec<String>) {
-    let lab = Lab::start(
+    cert_lab_opts(pki, mode, &Opts::default())
+}
+
+fn cert_lab_opts(pki: &Pki, mode: &str, opts: &Opts) -> (Lab, Vec<String>) {
+    let lab = Lab::start_opts(
         &Auth::Cert {
             cert_pem: pki.swan_cert_pem.clone(),
             key_pem: pki.swan_key_pem.clone(),
@@ -446,6 +486,8 @@ fn cert_lab(pki: &Pki, mode: &str) -> (Lab, Vec<String>) {
         },
         mode,
         false,
+        "aes256gcm16",
+        opts,
     );
     std::fs::write(lab.path("our.der"), &pki.our_cert_der).unwrap();
     std::fs::write(lab.path("our.p8"), &pki.our_key_der).unwrap();
@@ -843,4 +885,98 @@ fn charon_rekeys_child_and_ike() {
     );
     let after = out.split("REKEYED").last().unwrap_or_default();
     assert!(after.matches("ESP_IN spi=").count() >= 3, "{out}");
+}
+
+#[test]
+fn ike_fragmentation_both_ways() {
+    if !runnable() {
+        return;
+    }
+    // Certificates of about 2 kB and 576-byte fragments on both sides.
+    let pki = pki_sized(&rcgen::PKCS_ECDSA_P256_SHA256, OUR_IP, 60);
+    let opts = Opts {
+        charon_extra: "fragment_size = 576",
+        ..Opts::default()
+    };
+    let (lab, mut args) = cert_lab_opts(&pki, "tunnel", &opts);
+    args.extend(s(&[
+        "--initiate",
+        SWAN_IP,
+        "--mode",
+        "tunnel",
+        "--stay",
+        "1",
+        "--fragment-size",
+        "576",
+    ]));
+    let (ok, out) = finish(lab.peer(&args));
+    let log = lab.charon_log();
+    assert!(ok, "{out}\n{log}");
+    assert!(out.contains("CHILD_SA_UP"), "{out}");
+    // charon reassembled our IKE_AUTH and fragmented its own answer.
+    assert!(log.contains("received fragment #1 of"), "{log}");
+    assert!(log.contains("reassembled fragmented IKE message"), "{log}");
+    assert!(log.contains("splitting IKE message"), "{log}");
+    assert!(
+        lab.swan(&["--list-sas"])
+            .contains("INSTALLED, TUNNEL-in-UDP")
+    );
+}
+
+#[test]
+fn no_proposal_chosen_is_reported_on_both_sides() {
+    if !runnable() {
+        return;
+    }
+    // charon offers only AES-CBC/SHA-1/MODP-2048, which we do not implement.
+    let opts = Opts {
+        ike: "aes128-sha1-modp2048",
+        ..Opts::default()
+    };
+    let lab = Lab::start_opts(&Auth::Psk(PSK), "tunnel", false, "aes256gcm16", &opts);
+    let peer = lab.peer(&s(&["--psk", PSK, "--mode", "tunnel", "--timeout", "5"]));
+    std::thread::sleep(Duration::from_millis(300));
+    let init = lab.swan(&["--initiate", "--child", "gre", "--timeout", "5"]);
+    assert!(!init.contains("completed successfully"), "{init}");
+    let (ok, out) = finish(peer);
+    assert!(!ok);
+    assert!(
+        out.contains("FAILED peer=198.51.100.1 reason=NO_PROPOSAL_CHOSEN"),
+        "{out}"
+    );
+    assert!(
+        lab.charon_log()
+            .contains("received NO_PROPOSAL_CHOSEN notify error"),
+        "{}",
+        lab.charon_log()
+    );
+}
+
+#[test]
+fn ts_unacceptable_is_reported_on_both_sides() {
+    if !runnable() {
+        return;
+    }
+    // charon wants UDP between the hosts; we only protect GRE.
+    let opts = Opts {
+        ts: "udp",
+        ..Opts::default()
+    };
+    let lab = Lab::start_opts(&Auth::Psk(PSK), "tunnel", false, "aes256gcm16", &opts);
+    let peer = lab.peer(&s(&["--psk", PSK, "--mode", "tunnel", "--timeout", "5"]));
+    std::thread::sleep(Duration::from_millis(300));
+    let init = lab.swan(&["--initiate", "--child", "gre", "--timeout", "5"]);
+    assert!(!init.contains("completed successfully"), "{init}");
+    let (ok, out) = finish(peer);
+    assert!(!ok);
+    assert!(out.contains("IKE_SA_UP"), "{out}");
+    assert!(
+        out.contains("FAILED peer=198.51.100.1 reason=TS_UNACCEPTABLE"),
+        "{out}"
+    );
+    assert!(
+        lab.charon_log().contains("received TS_UNACCEPTABLE notify"),
+        "{}",
+        lab.charon_log()
+    );
 }

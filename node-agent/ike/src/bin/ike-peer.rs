@@ -6,7 +6,7 @@
 //! ```text
 //! ike-peer --local 198.51.100.2 [--initiate 198.51.100.1] (--psk SECRET | --cert C.der --key K.p8 --ca CA.der)
 //!          [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS]
-//!          [--rekey] [--rekey-ike] [--no-pfs] [--delete] [--esp-probe]
+//!          [--rekey] [--rekey-ike] [--no-pfs] [--fragment-size BYTES] [--delete] [--esp-probe]
 //!
 //! `--esp-probe` installs the CHILD SA in `dmvpn_esp`, sends one ESP packet per second (a GRE
 //! packet, inside an IPv4 header in tunnel mode) and prints `ESP_IN` for each ESP packet that
@@ -35,7 +35,7 @@ struct Args {
 fn usage(msg: &str) -> String {
     format!(
         "{msg}\nusage: ike-peer --local IP [--initiate IP] (--psk SECRET | --cert C.der --key K.p8 --ca CA.der) \
-         [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS] [--rekey] [--rekey-ike] [--no-pfs] [--delete] [--timeout SECS] [--esp-probe]"
+         [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS] [--rekey] [--rekey-ike] [--no-pfs] [--fragment-size BYTES] [--delete] [--timeout SECS] [--esp-probe]"
     )
 }
 
@@ -60,6 +60,7 @@ fn parse() -> Result<Args, String> {
     let mut esp_probe = false;
     let mut rekey_ike = false;
     let mut no_pfs = false;
+    let mut fragment_size = None;
     while let Some(a) = it.next() {
         let mut val = || {
             it.next()
@@ -123,6 +124,13 @@ fn parse() -> Result<Args, String> {
             "--esp-probe" => esp_probe = true,
             "--rekey-ike" => rekey_ike = true,
             "--no-pfs" => no_pfs = true,
+            "--fragment-size" => {
+                fragment_size = Some(
+                    val()?
+                        .parse()
+                        .map_err(|_| usage("--fragment-size takes bytes"))?,
+                )
+            }
             _ => return Err(usage(&format!("unknown argument {a}"))),
         }
     }
@@ -140,6 +148,9 @@ fn parse() -> Result<Args, String> {
     config.mode = mode;
     config.force_udp_encap = encap;
     config.child_pfs = !no_pfs;
+    if let Some(f) = fragment_size {
+        config.fragment_size = f;
+    }
     if let Some(id) = id {
         config.local_id = id;
     }
