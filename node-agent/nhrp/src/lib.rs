@@ -6,5 +6,5 @@
 //! - [`engine`]: the sans-IO protocol engine. It owns no sockets and reads no clock: packets,
 //!   time and commands go in; packets to send, timer deadlines and events come out.
 
-pub mod wire;
 pub mod engine;
+pub mod wire;
