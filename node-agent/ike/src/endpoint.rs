@@ -2535,7 +2535,9 @@ impl IkeSa {
                 _ => {}
             }
         }
-        if has_notify(inner, notify::AUTHENTICATION_FAILED) && self.state != State::Established {
+        // An initiator that rejects our AUTH says so in a separate INFORMATIONAL and drops
+        // the SA (RFC 7296 §2.21.2); so do we, CHILD SAs included.
+        if has_notify(inner, notify::AUTHENTICATION_FAILED) {
             ctx.fail(
                 self.remote.ip(),
                 FailReason::AuthenticationFailed,

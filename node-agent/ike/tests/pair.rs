@@ -535,3 +535,31 @@ fn large_ike_auth_is_fragmented_and_reassembled() {
     });
     assert!(skf.count() > 2);
 }
+
+#[test]
+fn initiator_rejecting_the_responder_tears_down_both_sides() {
+    let pki = test_pki();
+    // B's certificate names another address than the ID it sends: B accepts A first,
+    // then A refuses B, tells it, and B must take back what it reported up.
+    let n = established(
+        Config::new(ip(A), cert_auth(&pki, &rcgen::PKCS_ECDSA_P256_SHA256, A, 0)),
+        Config::new(
+            ip(B),
+            cert_auth(&pki, &rcgen::PKCS_ECDSA_P256_SHA256, "198.51.100.99", 0),
+        ),
+    );
+    assert_eq!(failures(&n.ev_a), vec![FailReason::AuthenticationFailed]);
+    assert_eq!(
+        failures(&n.ev_b),
+        vec![FailReason::AuthenticationFailed],
+        "{:?}",
+        n.ev_b
+    );
+    assert!(
+        n.ev_b
+            .iter()
+            .any(|e| matches!(e, Event::ChildSaDown { .. }))
+    );
+    assert!(n.ev_b.iter().any(|e| matches!(e, Event::IkeSaDown { .. })));
+    assert_eq!(n.a.ike_sa_count() + n.b.ike_sa_count(), 0);
+}
