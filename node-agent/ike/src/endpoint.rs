@@ -790,7 +790,9 @@ impl Endpoint {
             &mut self.events,
         );
         let was_half_open = sa.state == State::HalfOpen;
+        let was_established = sa.state == State::Established;
         let keep = sa.handle(&mut ctx, &mut self.stats, remote, local, header, msg);
+        let became_established = keep && !was_established && sa.state == State::Established;
         let moved = ctx.moved.take();
         let now_half_open = sa.state == State::HalfOpen;
         if was_half_open && !now_half_open {
@@ -807,6 +809,47 @@ impl Endpoint {
         }
         if let Some((old, new, zombie)) = moved {
             self.rehome(old, new, zombie);
+        }
+        if became_established {
+            self.resolve_duplicates(now, remote.ip());
+        }
+    }
+
+    /// Both ends may initiate at once (a shortcut resolved on both spokes), leaving two IKE
+    /// SAs. The SA initiated by the lower address survives; the higher address deletes the
+    /// one it initiated, so both ends agree without crossing deletes.
+    fn resolve_duplicates(&mut self, now: Instant, peer: IpAddr) {
+        if self.config.local_addr < peer {
+            return;
+        }
+        let established =
+            |sa: &&mut IkeSa| sa.remote.ip() == peer && sa.state == State::Established;
+        let responder_sa = self
+            .sas
+            .values_mut()
+            .filter(established)
+            .any(|sa| !sa.initiator);
+        if !responder_sa {
+            return;
+        }
+        let mut ctx = Ctx::new(
+            &self.config,
+            self.signing_key.as_ref(),
+            &self.ca_key_ids,
+            now,
+            &mut self.transmits,
+            &mut self.events,
+        );
+        for sa in self
+            .sas
+            .values_mut()
+            .filter(established)
+            .filter(|sa| sa.initiator)
+        {
+            sa.state = State::Deleting;
+            sa.pending.clear();
+            sa.pending.push_front(Request::DeleteIke);
+            sa.pump(&mut ctx);
         }
     }
 

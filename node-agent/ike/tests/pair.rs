@@ -563,3 +563,34 @@ fn initiator_rejecting_the_responder_tears_down_both_sides() {
     assert!(n.ev_b.iter().any(|e| matches!(e, Event::IkeSaDown { .. })));
     assert_eq!(n.a.ike_sa_count() + n.b.ike_sa_count(), 0);
 }
+
+#[test]
+fn simultaneous_initiation_leaves_one_sa_pair() {
+    let mut n = Net::new(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("sekrit-123456789")),
+    );
+    n.a.initiate(n.now, ip(B)).unwrap();
+    n.b.initiate(n.now, ip(A)).unwrap();
+    n.run();
+    assert!(failures(&n.ev_a).is_empty() && failures(&n.ev_b).is_empty());
+    assert_eq!((n.a.ike_sa_count(), n.b.ike_sa_count()), (1, 1));
+    // The CHILD SAs still up on each side are the two halves of the same SA.
+    let live = |ev: &[Event]| {
+        let down: Vec<u32> = ev
+            .iter()
+            .filter_map(|e| match e {
+                Event::ChildSaDown { spi_in, .. } => Some(*spi_in),
+                _ => None,
+            })
+            .collect();
+        child_keys(ev)
+            .into_iter()
+            .filter(|k| !down.contains(&k.spi_in))
+            .collect::<Vec<_>>()
+    };
+    let (la, lb) = (live(&n.ev_a), live(&n.ev_b));
+    assert_eq!((la.len(), lb.len()), (1, 1), "{:?} {:?}", n.ev_a, n.ev_b);
+    assert_esp_works(&la[0], &lb[0]);
+    assert_esp_works(&lb[0], &la[0]);
+}
