@@ -14,6 +14,37 @@
 //! IKE SA in transport mode for GRE between the NBMA addresses (keys in [`ChildSaKeys`] for
 //! `dmvpn_esp`), INFORMATIONAL delete and liveness, retransmission with backoff, and
 //! CREATE_CHILD_SA rekeying.
+//!
+//! ```
+//! use std::time::Instant;
+//! use dmvpn_ike::{AuthConfig, Config, Endpoint, Event};
+//! use zeroize::Zeroizing;
+//!
+//! let psk = || AuthConfig::Psk(Zeroizing::new(b"a long shared secret".to_vec()));
+//! let now = Instant::now();
+//! let mut hub = Endpoint::new(Config::new("198.51.100.1".parse()?, psk()), now)?;
+//! let mut spoke = Endpoint::new(Config::new("198.51.100.2".parse()?, psk()), now)?;
+//! spoke.initiate(now, "198.51.100.1".parse()?)?;
+//! // The caller's UDP sockets stand between the two; here they are wired directly.
+//! for _ in 0..4 {
+//!     while let Some(t) = spoke.poll_transmit() {
+//!         hub.handle_datagram(now, t.src, t.dst, &t.payload);
+//!     }
+//!     while let Some(t) = hub.poll_transmit() {
+//!         spoke.handle_datagram(now, t.src, t.dst, &t.payload);
+//!     }
+//! }
+//! let mut up = false;
+//! while let Some(ev) = spoke.poll_event() {
+//!     if let Event::ChildSaUp { keys, .. } = ev {
+//!         // Hand the keys to dmvpn_esp: keys.inbound()?, keys.outbound()?
+//!         let _outbound = keys.outbound()?.into_outbound(now)?;
+//!         up = true;
+//!     }
+//! }
+//! assert!(up);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![cfg_attr(
     not(test),
     deny(

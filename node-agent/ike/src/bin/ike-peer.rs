@@ -122,6 +122,10 @@ fn parse() -> Result<Args, String> {
             "--rekey" => rekey = true,
             "--delete" => delete = true,
             "--esp-probe" => esp_probe = true,
+            "--help" | "-h" => {
+                println!("{}", usage("ike-peer: a UDP driver for dmvpn-ike"));
+                std::process::exit(0);
+            }
             "--rekey-ike" => rekey_ike = true,
             "--no-pfs" => no_pfs = true,
             "--fragment-size" => {
