@@ -253,6 +253,8 @@ struct IkeSa {
     created: Instant,
     last_heard: Instant,
     rekeying_ike: bool,
+    /// Send INITIAL_CONTACT in IKE_AUTH.
+    initial_contact: bool,
     ike_rekey_done: bool,
 }
 
@@ -568,6 +570,8 @@ impl Endpoint {
         sa.share = Some(KeyShare::generate(group)?);
         sa.ni = ni;
         sa.auth_child_spi = crate::crypto::random_spi32()?;
+        // No SA at all with this peer: tell it to forget any it still has (after our restart).
+        sa.initial_contact = !self.sas.values().any(|x| x.remote.ip() == peer);
         let mut ctx = self.ctx(now);
         sa.send_init_request(&mut ctx);
         self.sas.insert(spi, sa);
@@ -794,6 +798,7 @@ impl Endpoint {
         let keep = sa.handle(&mut ctx, &mut self.stats, remote, local, header, msg);
         let became_established = keep && !was_established && sa.state == State::Established;
         let moved = ctx.moved.take();
+        let initial_contact = ctx.initial_contact.take();
         let now_half_open = sa.state == State::HalfOpen;
         if was_half_open && !now_half_open {
             self.half_open = self.half_open.saturating_sub(1);
@@ -812,6 +817,36 @@ impl Endpoint {
         }
         if became_established {
             self.resolve_duplicates(now, remote.ip());
+        }
+        if let Some(identity) = initial_contact {
+            self.drop_stale(now, our_spi, &identity);
+        }
+    }
+
+    /// INITIAL_CONTACT: every other SA authenticated as this peer is stale. Drop it silently
+    /// (the peer no longer knows it) and report its CHILD SAs down.
+    fn drop_stale(&mut self, now: Instant, keep: u64, identity: &Identity) {
+        let stale: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(spi, sa)| **spi != keep && sa.peer_identity.as_ref() == Some(identity))
+            .map(|(spi, _)| *spi)
+            .collect();
+        let mut ctx = Ctx::new(
+            &self.config,
+            self.signing_key.as_ref(),
+            &self.ca_key_ids,
+            now,
+            &mut self.transmits,
+            &mut self.events,
+        );
+        for spi in &stale {
+            if let Some(sa) = self.sas.get_mut(spi) {
+                sa.tear_down(&mut ctx);
+            }
+        }
+        for spi in stale {
+            self.remove_sa(spi);
         }
     }
 
@@ -1112,6 +1147,8 @@ struct Ctx<'a> {
     /// Set when an IKE rekey moved the SA to a new SPI of ours: (old, new, the old SA kept
     /// under the old SPI until it is deleted).
     moved: Option<(u64, u64, Box<IkeSa>)>,
+    /// The peer sent INITIAL_CONTACT: its other SAs are stale.
+    initial_contact: Option<Identity>,
 }
 
 impl<'a> Ctx<'a> {
@@ -1131,6 +1168,7 @@ impl<'a> Ctx<'a> {
             out,
             events,
             moved: None,
+            initial_contact: None,
         }
     }
     fn fail(&mut self, peer: IpAddr, reason: FailReason, detail: impl Into<String>) {
@@ -1214,6 +1252,7 @@ impl IkeSa {
             created: now,
             last_heard: now,
             rekeying_ike: false,
+            initial_contact: false,
             ike_rekey_done: false,
         }
     }
@@ -2045,6 +2084,17 @@ impl IkeSa {
             return false;
         };
         let mut inner = inner;
+        if self.initial_contact {
+            // After IDi and CERT, before CERTREQ and AUTH (RFC 7296 §1.2).
+            let at = inner
+                .iter()
+                .position(|p| matches!(p, Payload::CertReq { .. } | Payload::Auth { .. }))
+                .unwrap_or(inner.len());
+            inner.insert(
+                at,
+                Payload::Notify(Notify::status(notify::INITIAL_CONTACT, Vec::new())),
+            );
+        }
         if ctx.config.mode == ChildMode::Transport {
             inner.push(Payload::Notify(Notify::status(
                 notify::USE_TRANSPORT_MODE,
@@ -2523,6 +2573,9 @@ impl IkeSa {
         let Some(mut out) = self.auth_payloads(ctx, false) else {
             return false;
         };
+        if has_notify(inner, notify::INITIAL_CONTACT) {
+            ctx.initial_contact = Some(identity.clone());
+        }
         self.ike_up(ctx, identity);
         let (ni, nr) = (self.ni.clone(), self.nr.clone());
         out.extend(self.offer_child(ctx, inner, &ni, &nr, None, None));

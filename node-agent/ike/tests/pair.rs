@@ -594,3 +594,30 @@ fn simultaneous_initiation_leaves_one_sa_pair() {
     assert_esp_works(&la[0], &lb[0]);
     assert_esp_works(&lb[0], &la[0]);
 }
+
+#[test]
+fn initial_contact_after_a_restart_drops_the_stale_sa() {
+    let mut n = established(
+        Config::new(ip(A), psk("sekrit-123456789")),
+        Config::new(ip(B), psk("sekrit-123456789")),
+    );
+    let old_b = child_keys(&n.ev_b)[0].clone();
+    // A restarts: a fresh endpoint with no memory of the SA.
+    n.a = Endpoint::new(Config::new(ip(A), psk("sekrit-123456789")), n.now).unwrap();
+    n.ev_b.clear();
+    n.wire.clear();
+    n.a.initiate(n.now, ip(B)).unwrap();
+    n.run();
+    assert_eq!(n.b.ike_sa_count(), 1);
+    assert!(
+        n.ev_b
+            .iter()
+            .any(|e| matches!(e, Event::ChildSaDown { spi_in, .. } if *spi_in == old_b.spi_in)),
+        "{:?}",
+        n.ev_b
+    );
+    assert!(n.ev_b.iter().any(|e| matches!(e, Event::IkeSaDown { .. })));
+    assert_eq!(child_keys(&n.ev_b).len(), 1);
+    // Only the new exchange went on the wire: no delete for the stale SA.
+    assert_eq!(n.wire.len(), 4);
+}
