@@ -34,11 +34,25 @@ pub enum DropReason {
     /// An event (NHRP packet, hairpin, miss, use) was dropped because the agent's channel
     /// was full.
     EventQueueFull,
+    /// IPsec is required but the peer has no outbound SA yet (IKE is asked to start).
+    NoSa,
+    /// A GRE packet arrived in clear although IPsec is required.
+    Unprotected,
+    /// ESP with an SPI that no inbound SA has.
+    EspUnknownSpi,
+    /// ESP sequence number replayed or older than the anti-replay window.
+    EspReplay,
+    /// ESP integrity check failed (wrong key, tampered or corrupted).
+    EspAuth,
+    /// ESP packet otherwise unusable: truncated, bad padding, expired SA, not GRE inside.
+    EspInvalid,
+    /// An NHRP packet waiting for its peer's SA was dropped: the per-peer queue was full.
+    NhrpQueueFull,
 }
 
 impl DropReason {
     /// All reasons, in a stable order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::BadOuter,
         DropReason::NotForUs,
         DropReason::BadGre,
@@ -51,6 +65,13 @@ impl DropReason {
         DropReason::TunWriteError,
         DropReason::SendError,
         DropReason::EventQueueFull,
+        DropReason::NoSa,
+        DropReason::Unprotected,
+        DropReason::EspUnknownSpi,
+        DropReason::EspReplay,
+        DropReason::EspAuth,
+        DropReason::EspInvalid,
+        DropReason::NhrpQueueFull,
     ];
 
     /// A short name for logs and metrics labels.
@@ -68,6 +89,13 @@ impl DropReason {
             DropReason::TunWriteError => "tun_write_error",
             DropReason::SendError => "send_error",
             DropReason::EventQueueFull => "event_queue_full",
+            DropReason::NoSa => "no_sa",
+            DropReason::Unprotected => "unprotected",
+            DropReason::EspUnknownSpi => "esp_unknown_spi",
+            DropReason::EspReplay => "esp_replay",
+            DropReason::EspAuth => "esp_auth",
+            DropReason::EspInvalid => "esp_invalid",
+            DropReason::NhrpQueueFull => "nhrp_queue_full",
         }
     }
 
@@ -91,6 +119,13 @@ pub struct DropCounters {
     pub tun_write_error: u64,
     pub send_error: u64,
     pub event_queue_full: u64,
+    pub no_sa: u64,
+    pub unprotected: u64,
+    pub esp_unknown_spi: u64,
+    pub esp_replay: u64,
+    pub esp_auth: u64,
+    pub esp_invalid: u64,
+    pub nhrp_queue_full: u64,
 }
 
 impl DropCounters {
@@ -109,6 +144,13 @@ impl DropCounters {
             DropReason::TunWriteError => self.tun_write_error,
             DropReason::SendError => self.send_error,
             DropReason::EventQueueFull => self.event_queue_full,
+            DropReason::NoSa => self.no_sa,
+            DropReason::Unprotected => self.unprotected,
+            DropReason::EspUnknownSpi => self.esp_unknown_spi,
+            DropReason::EspReplay => self.esp_replay,
+            DropReason::EspAuth => self.esp_auth,
+            DropReason::EspInvalid => self.esp_invalid,
+            DropReason::NhrpQueueFull => self.nhrp_queue_full,
         }
     }
 
@@ -143,6 +185,14 @@ pub struct Counters {
     /// Hairpin/Miss/Used events not sent because the same flow was reported less than
     /// the dedupe window ago.
     pub events_suppressed: u64,
+    /// ESP packets opened (inbound, raw or UDP-encapsulated) and sealed (outbound).
+    pub esp_rx_packets: u64,
+    pub esp_tx_packets: u64,
+    /// IKE datagrams on UDP 4500 handed to the agent.
+    pub ike_rx_packets: u64,
+    /// NHRP packets queued until their peer's SA came up, and sent once it did.
+    pub nhrp_queued: u64,
+    pub nhrp_dequeued: u64,
     pub drops: DropCounters,
 }
 
@@ -170,10 +220,15 @@ pub(crate) enum Field {
     NhrpTx,
     EventsSent,
     EventsSuppressed,
+    EspRx,
+    EspTx,
+    IkeRx,
+    NhrpQueued,
+    NhrpDequeued,
 }
 
 impl Field {
-    const COUNT: usize = 14;
+    const COUNT: usize = 19;
 }
 
 /// Per-batch accumulator, owned by one task; flushed with one atomic add per touched field.
@@ -239,6 +294,11 @@ impl AtomicCounters {
             nhrp_tx_packets: v(Field::NhrpTx),
             events_sent: v(Field::EventsSent),
             events_suppressed: v(Field::EventsSuppressed),
+            esp_rx_packets: v(Field::EspRx),
+            esp_tx_packets: v(Field::EspTx),
+            ike_rx_packets: v(Field::IkeRx),
+            nhrp_queued: v(Field::NhrpQueued),
+            nhrp_dequeued: v(Field::NhrpDequeued),
             drops: DropCounters {
                 bad_outer: d(DropReason::BadOuter),
                 not_for_us: d(DropReason::NotForUs),
@@ -252,6 +312,13 @@ impl AtomicCounters {
                 tun_write_error: d(DropReason::TunWriteError),
                 send_error: d(DropReason::SendError),
                 event_queue_full: d(DropReason::EventQueueFull),
+                no_sa: d(DropReason::NoSa),
+                unprotected: d(DropReason::Unprotected),
+                esp_unknown_spi: d(DropReason::EspUnknownSpi),
+                esp_replay: d(DropReason::EspReplay),
+                esp_auth: d(DropReason::EspAuth),
+                esp_invalid: d(DropReason::EspInvalid),
+                nhrp_queue_full: d(DropReason::NhrpQueueFull),
             },
         }
     }

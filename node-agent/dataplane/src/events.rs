@@ -57,6 +57,17 @@ pub enum Event {
     /// A packet from the TUN to `dst` went directly to a non-NHS neighbour `next_hop` (a
     /// shortcut is in use). At most one per dst per dedupe window.
     Used { dst: IpAddr, next_hop: IpAddr },
+    /// IPsec is required and the peer at `nbma` has no outbound SA: a data packet was
+    /// dropped or an NHRP packet queued. The agent starts IKE. At most one per peer per
+    /// dedupe window from the packet path.
+    NeedSa { nbma: IpAddr },
+    /// An IKE datagram (non-ESP marker included) arrived on the UDP 4500 socket that the
+    /// data plane shares with the agent's IKE endpoint.
+    Ike {
+        from: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        payload: Vec<u8>,
+    },
 }
 
 /// Remembers keys for a time window; `allow` is true for the first sighting per window.

@@ -4,7 +4,9 @@
 //! - [`tables`]: forwarding (longest prefix match) and neighbour tables, published as
 //!   lock-free snapshots.
 //! - [`userspace`]: a TUN device plus a raw IPv4 GRE socket; works without the `ip_gre`
-//!   kernel module, and forwards spoke-to-spoke traffic on a hub in userspace.
+//!   kernel module, and forwards spoke-to-spoke traffic on a hub in userspace. With
+//!   [`IpsecDataConfig`] every GRE packet is carried in ESP transport mode (raw IP protocol
+//!   50, or ESP-in-UDP on port 4500) with the SAs the agent installs from IKE.
 //!
 //! A kernel data plane (an rtnetlink multipoint `gre` link, kernel neighbour entries for
 //! the NBMA mappings, kernel routes, and XFRM for IPsec) implements the same trait; the
@@ -33,6 +35,9 @@
 //!         Event::Miss { dst, .. } => { /* phase 2: engine.resolve(now, dst) */ }
 //!         Event::Used { dst, .. } => { /* engine.traffic(now, dst) */ }
 //!         Event::Hairpin { src, dst, ingress_nbma, head } => { /* engine.hairpinned(..) */ }
+//!         // With IPsec (`cfg.ipsec`): start IKE with the peer; feed IKE from UDP 4500.
+//!         Event::NeedSa { nbma } => { /* ike.initiate(now, nbma) */ }
+//!         Event::Ike { from, local, payload } => { /* ike.handle_datagram(..) */ }
 //!     }
 //! }
 //! # Ok(())
@@ -54,7 +59,8 @@ use thiserror::Error;
 
 pub use counters::{Counters, DropCounters, DropReason};
 pub use events::{Event, MissReason};
-pub use userspace::{UserspaceConfig, UserspaceDataPlane};
+pub use userspace::esp::{NHRP_QUEUE_PEERS, NHRP_QUEUE_PER_PEER, SaInfo};
+pub use userspace::{ESP_OVERHEAD, IpsecDataConfig, UserspaceConfig, UserspaceDataPlane};
 
 /// A boxed future, so that [`DataPlane`] stays object-safe (`Arc<dyn DataPlane>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

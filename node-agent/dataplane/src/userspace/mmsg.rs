@@ -119,6 +119,79 @@ pub(crate) fn recv(
     Ok(got)
 }
 
+/// Like [`recv`] for a UDP socket: each datagram goes to `bufs[i][off..]`, its sender to
+/// `froms[i]` (unspecified if the kernel reported no IPv4 sender).
+pub(crate) fn recv_from_v4(
+    fd: BorrowedFd<'_>,
+    bufs: &mut [Box<[u8]>],
+    off: usize,
+    lens: &mut [usize],
+    froms: &mut [SocketAddrV4],
+) -> io::Result<usize> {
+    let n = bufs.len().min(lens.len()).min(froms.len()).min(MAX_MSGS);
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut iovs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_MSGS];
+    let mut addrs = [sockaddr_v4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); MAX_MSGS];
+    for (iov, b) in iovs.iter_mut().zip(bufs.iter_mut()).take(n) {
+        let room = b.get_mut(off..).unwrap_or_default();
+        iov.iov_base = room.as_mut_ptr().cast();
+        iov.iov_len = room.len();
+    }
+    // SAFETY: as in `send_v4`, all-zero is a valid mmsghdr.
+    let mut hdrs: [libc::mmsghdr; MAX_MSGS] = unsafe { std::mem::zeroed() };
+    for ((h, iov), a) in hdrs
+        .iter_mut()
+        .zip(iovs.iter_mut())
+        .zip(addrs.iter_mut())
+        .take(n)
+    {
+        h.msg_hdr.msg_iov = iov;
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
+        h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    }
+    // SAFETY: the first `n` headers point at `iovs` and `addrs` (alive, unmoved, sized as
+    // declared), whose entries point into the caller's exclusively borrowed buffers.
+    let r = unsafe {
+        libc::recvmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let got = (r as usize).min(n);
+    for (((l, f), h), a) in lens
+        .iter_mut()
+        .zip(froms.iter_mut())
+        .zip(hdrs.iter())
+        .zip(addrs.iter())
+        .take(got)
+    {
+        *l = h.msg_len as usize;
+        *f = if h.msg_hdr.msg_namelen as usize >= std::mem::size_of::<libc::sockaddr_in>()
+            && i32::from(a.sin_family) == libc::AF_INET
+        {
+            SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )
+        } else {
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
+        };
+    }
+    Ok(got)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,12 +22,13 @@
 //! raw socket has no segmentation offload: each segment is one `sendmmsg` entry. If the
 //! kernel refuses the offload flags, the data plane falls back to plain reads and writes.
 
+pub mod esp;
 mod mmsg;
 mod netlink;
 pub(crate) mod path;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ use crate::events::{DEDUPE_WINDOW, Event};
 use crate::gre::{self, GreHeader};
 use crate::tables::Tables;
 use crate::{BoxFuture, Counters, DataPlane, DataPlaneError};
+use dmvpn_esp::{ESP_HEADROOM, EspError, InboundSa, OutboundSa};
+use esp::{SaInfo, SaTables, Wire, lock};
 use netlink::Netlink;
 use path::{HEADROOM, PathConfig, RxAction, TaskState, TunAction};
 
@@ -61,6 +64,35 @@ const TUN_MIN_BUF: usize = 9216;
 const RX_BUF: usize = 65_535;
 /// Outer IPv4 header without options, as the kernel builds it for our raw socket.
 const IPV4_HEADER: u16 = 20;
+/// Where a UDP 4500 datagram is received in its buffer: room in front for a new GRE and
+/// ESP header when the hub forwards what it decapsulated.
+const UDP_RX_OFFSET: usize = 32;
+/// Worst-case ESP overhead per packet: header, IV, padding, trailer, ICV and the UDP header
+/// of ESP-in-UDP. The overlay MTU is lowered by this much when IPsec is on.
+pub const ESP_OVERHEAD: u16 =
+    (dmvpn_esp::ESP_HEADROOM + dmvpn_esp::ESP_MAX_TAILROOM + dmvpn_esp::udp::UDP_HEADER_LEN) as u16;
+
+/// IPsec settings of the userspace data plane (ESP transport mode protecting GRE).
+#[derive(Debug, Clone)]
+pub struct IpsecDataConfig {
+    /// Drop GRE arriving in clear, queue NHRP and drop data for peers without an SA
+    /// (default true). False only for migrations: clear GRE is still accepted and sent to
+    /// peers without an SA.
+    pub require: bool,
+    /// The UDP 4500 socket bound to the NBMA address, shared with the IKE endpoint. The
+    /// data plane receives on it (ESP-in-UDP; IKE datagrams are passed on as
+    /// [`Event::Ike`]) and sends ESP-in-UDP from it. `None`: no NAT traversal.
+    pub nat_t_socket: Option<Arc<std::net::UdpSocket>>,
+}
+
+impl Default for IpsecDataConfig {
+    fn default() -> Self {
+        Self {
+            require: true,
+            nat_t_socket: None,
+        }
+    }
+}
 
 /// Configuration of [`UserspaceDataPlane::start`].
 #[derive(Debug, Clone)]
@@ -99,6 +131,9 @@ pub struct UserspaceConfig {
     /// TUN segmentation/coalescing offload (default true; falls back to plain I/O if the
     /// kernel refuses it).
     pub offload: bool,
+    /// ESP for every tunnel packet (default off). Set `extra_overhead` to at least
+    /// [`ESP_OVERHEAD`] with it.
+    pub ipsec: Option<IpsecDataConfig>,
 }
 
 impl UserspaceConfig {
@@ -119,6 +154,7 @@ impl UserspaceConfig {
             dedupe_window: DEDUPE_WINDOW,
             kernel_route_metric: 1000,
             offload: true,
+            ipsec: None,
         }
     }
 
@@ -170,6 +206,17 @@ struct Shared {
     offload: bool,
     mtu: u16,
     path: PathConfig,
+    /// IPsec on: raw IP protocol 50 socket, optional UDP 4500 socket, the SA tables.
+    ipsec: Option<Ipsec>,
+    /// For NeedSa events raised by the control path (NHRP sends).
+    events: mpsc::Sender<Event>,
+}
+
+struct Ipsec {
+    esp: AsyncFd<Socket>,
+    udp: Option<(AsyncFd<Socket>, SocketAddr)>,
+    sas: SaTables,
+    require: bool,
 }
 
 /// The userspace data plane. Dropping it stops its tasks and removes the TUN device.
@@ -200,12 +247,16 @@ impl Drop for UserspaceDataPlane {
     }
 }
 
-fn open_socket(cfg: &UserspaceConfig) -> io::Result<Socket> {
-    let sock = Socket::new(
-        Domain::IPV4,
-        Type::RAW,
-        Some(Protocol::from(libc::IPPROTO_GRE)),
-    )?;
+fn register(sock: Socket) -> Result<AsyncFd<Socket>, DataPlaneError> {
+    // SAFETY: the socket2 `Socket` owns its descriptor, which stays open and unchanged
+    // until the `AsyncFd` (its owner) is dropped.
+    unsafe { AsyncFd::register(sock) }.map_err(|e| DataPlaneError::Socket {
+        source: e.into_parts().1,
+    })
+}
+
+fn open_socket(cfg: &UserspaceConfig, proto: i32) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(proto)))?;
     sock.set_nonblocking(true)?;
     sock.bind(&SockAddr::from(SocketAddrV4::new(cfg.local_nbma, 0)))?;
     sock.set_ttl_v4(64)?;
@@ -270,12 +321,34 @@ impl UserspaceDataPlane {
                  or unload ip_gre"
             );
         }
-        let sock = open_socket(&cfg).map_err(|source| DataPlaneError::Socket { source })?;
-        // SAFETY: the socket2 `Socket` owns its descriptor, which stays open and unchanged
-        // until the `AsyncFd` (its owner) is dropped.
-        let sock = unsafe { AsyncFd::register(sock) }.map_err(|e| DataPlaneError::Socket {
-            source: e.into_parts().1,
-        })?;
+        let sock = open_socket(&cfg, libc::IPPROTO_GRE)
+            .map_err(|source| DataPlaneError::Socket { source })?;
+        let sock = register(sock)?;
+        let ipsec = match &cfg.ipsec {
+            None => None,
+            Some(ic) => {
+                let esp = open_socket(&cfg, libc::IPPROTO_ESP)
+                    .map_err(|source| DataPlaneError::Socket { source })?;
+                let udp = match &ic.nat_t_socket {
+                    None => None,
+                    Some(u) => {
+                        let io = |source| DataPlaneError::Socket { source };
+                        let local = u.local_addr().map_err(io)?;
+                        let dup = Socket::from(u.try_clone().map_err(io)?);
+                        dup.set_nonblocking(true).map_err(io)?;
+                        Some((register(dup)?, local))
+                    }
+                };
+                Some(Ipsec {
+                    esp: register(esp)?,
+                    udp,
+                    sas: SaTables::default(),
+                    require: ic.require,
+                })
+            }
+        };
+        let has_udp = ipsec.as_ref().is_some_and(|i| i.udp.is_some());
+        let has_esp = ipsec.is_some();
 
         let (tx, rx) = mpsc::channel(cfg.event_capacity);
         let shared = Arc::new(Shared {
@@ -290,7 +363,10 @@ impl UserspaceDataPlane {
                 key: cfg.gre_key,
                 hub: cfg.hub,
                 local_addrs: cfg.addresses.iter().map(IpNet::addr).collect(),
+                require_ipsec: cfg.ipsec.as_ref().is_some_and(|i| i.require),
             },
+            ipsec,
+            events: tx.clone(),
         });
         let tun_task = tokio::spawn(tun_loop(
             shared.clone(),
@@ -298,16 +374,33 @@ impl UserspaceDataPlane {
         ));
         let rx_task = tokio::spawn(rx_loop(
             shared.clone(),
-            TaskState::new("gre-rx", tx, cfg.dedupe_window),
+            TaskState::new("gre-rx", tx.clone(), cfg.dedupe_window),
+            RxKind::Gre,
         ));
+        let mut tasks = vec![tun_task, rx_task];
+        if has_esp {
+            tasks.push(tokio::spawn(rx_loop(
+                shared.clone(),
+                TaskState::new("esp-rx", tx.clone(), cfg.dedupe_window),
+                RxKind::Esp,
+            )));
+        }
+        if has_udp {
+            tasks.push(tokio::spawn(rx_loop(
+                shared.clone(),
+                TaskState::new("udp4500-rx", tx, cfg.dedupe_window),
+                RxKind::Udp,
+            )));
+        }
         tracing::info!(
             tun = %cfg.tun_name, mtu, nbma = %cfg.local_nbma, key = ?cfg.gre_key, hub = cfg.hub, offload,
+            ipsec = has_esp, nat_t = has_udp,
             "userspace data plane started"
         );
         let dp = Arc::new(Self {
             shared,
             netlink,
-            tasks: vec![tun_task, rx_task],
+            tasks,
             mtu,
             networks: cfg.addresses.iter().map(IpNet::trunc).collect(),
             manage_kernel_routes: cfg.manage_kernel_routes,
@@ -334,7 +427,6 @@ impl UserspaceDataPlane {
                 why: "the userspace data plane has an IPv4 underlay only",
             });
         };
-        let hdr = GreHeader::with_key(gre::PROTO_NHRP, self.shared.path.key);
         let max = usize::from(self.mtu);
         if bytes.len() > max {
             return Err(DataPlaneError::TooBig {
@@ -342,28 +434,213 @@ impl UserspaceDataPlane {
                 max,
             });
         }
+        let hdr = GreHeader::with_key(gre::PROTO_NHRP, self.shared.path.key);
         let pkt = hdr.to_packet(bytes);
-        let addr = SockAddr::from(SocketAddrV4::new(dst4, 0));
-        let res = self
-            .shared
-            .sock
-            .async_io(tokio::io::Interest::WRITABLE, |s| s.send_to(&pkt, &addr))
-            .await;
         let mut b = Batch::default();
-        let out = match res {
-            Ok(_) => {
+        let out = match &self.shared.ipsec {
+            None => self.send_raw(&self.shared.sock, &pkt, dst4, 0).await,
+            Some(ip) => {
+                let entry = ip.sas.load().out.get(&dst4).cloned();
+                match entry {
+                    Some(e) => {
+                        let mut esp = Vec::with_capacity(dmvpn_esp::sealed_len(pkt.len()));
+                        let sealed = lock(&e.sa).seal_to_vec(
+                            Instant::now(),
+                            dmvpn_esp::NEXT_HEADER_GRE,
+                            &pkt,
+                            &mut esp,
+                        );
+                        match sealed {
+                            Ok(_) => {
+                                b.add(Field::EspTx, 1);
+                                self.send_wire(ip, e.wire, &esp).await
+                            }
+                            Err(e) => {
+                                b.drop(DropReason::NoSa);
+                                self.need_sa(dst4);
+                                Err(DataPlaneError::Config(format!(
+                                    "sealing NHRP for {dst4}: {e}; waiting for a new SA"
+                                )))
+                            }
+                        }
+                    }
+                    None if ip.require => {
+                        if ip.sas.enqueue(dst4, bytes) {
+                            b.add(Field::NhrpQueued, 1);
+                            self.need_sa(dst4);
+                            self.shared.counters.flush(&mut b);
+                            return Ok(());
+                        }
+                        b.drop(DropReason::NhrpQueueFull);
+                        self.need_sa(dst4);
+                        self.shared.counters.flush(&mut b);
+                        return Err(DataPlaneError::Config(format!(
+                            "NHRP queue for {dst4} is full while its IPsec SA is negotiated"
+                        )));
+                    }
+                    None => self.send_raw(&self.shared.sock, &pkt, dst4, 0).await,
+                }
+            }
+        };
+        match &out {
+            Ok(()) => {
                 b.add(Field::NhrpTx, 1);
                 b.add(Field::TxPackets, 1);
                 b.add(Field::TxBytes, pkt.len() as u64);
-                Ok(())
             }
-            Err(source) => {
-                b.drop(DropReason::SendError);
-                Err(DataPlaneError::Socket { source })
-            }
-        };
+            Err(DataPlaneError::Socket { .. }) => b.drop(DropReason::SendError),
+            Err(_) => {}
+        }
         self.shared.counters.flush(&mut b);
         out
+    }
+
+    fn need_sa(&self, peer: Ipv4Addr) {
+        let mut b = Batch::default();
+        match self.shared.events.try_send(Event::NeedSa {
+            nbma: IpAddr::V4(peer),
+        }) {
+            Ok(()) => b.add(Field::EventsSent, 1),
+            Err(_) => b.drop(DropReason::EventQueueFull),
+        }
+        self.shared.counters.flush(&mut b);
+    }
+
+    async fn send_raw(
+        &self,
+        sock: &AsyncFd<Socket>,
+        pkt: &[u8],
+        to: Ipv4Addr,
+        port: u16,
+    ) -> Result<(), DataPlaneError> {
+        let addr = SockAddr::from(SocketAddrV4::new(to, port));
+        sock.async_io(tokio::io::Interest::WRITABLE, |s| s.send_to(pkt, &addr))
+            .await
+            .map(|_| ())
+            .map_err(|source| DataPlaneError::Socket { source })
+    }
+
+    async fn send_wire(&self, ip: &Ipsec, wire: Wire, esp: &[u8]) -> Result<(), DataPlaneError> {
+        match (wire, &ip.udp) {
+            (Wire::Raw(to), _) => self.send_raw(&ip.esp, esp, to, 0).await,
+            (Wire::Udp(to), Some((udp, _))) => self.send_raw(udp, esp, *to.ip(), to.port()).await,
+            (Wire::Udp(to), None) => Err(DataPlaneError::Config(format!(
+                "ESP-in-UDP to {to} without a UDP 4500 socket"
+            ))),
+        }
+    }
+
+    fn ipsec(&self) -> Result<&Ipsec, DataPlaneError> {
+        self.shared
+            .ipsec
+            .as_ref()
+            .ok_or_else(|| DataPlaneError::Config("IPsec is not enabled in this data plane".into()))
+    }
+
+    /// Whether the data plane runs ESP.
+    pub fn ipsec_enabled(&self) -> bool {
+        self.shared.ipsec.is_some()
+    }
+
+    /// Installs an inbound SA of `peer` (its NBMA address). Several may exist per peer (a
+    /// rekeyed SA stays until its successor carries traffic and IKE deletes it).
+    pub fn install_inbound(&self, peer: IpAddr, sa: InboundSa) -> Result<(), DataPlaneError> {
+        let peer = v4_only(peer)?;
+        self.ipsec()?.sas.install_inbound(peer, sa);
+        Ok(())
+    }
+
+    /// Installs (or replaces) the outbound SA of `peer`; `udp_port` is the peer's ESP-in-UDP
+    /// port when NAT traversal is in use. NHRP packets queued for the peer are sent now;
+    /// returns how many.
+    pub async fn install_outbound(
+        &self,
+        peer: IpAddr,
+        sa: OutboundSa,
+        udp_port: Option<u16>,
+    ) -> Result<usize, DataPlaneError> {
+        let peer4 = v4_only(peer)?;
+        let ip = self.ipsec()?;
+        let wire = match udp_port {
+            Some(port) if ip.udp.is_some() => Wire::Udp(SocketAddrV4::new(peer4, port)),
+            Some(_) => {
+                return Err(DataPlaneError::Config(
+                    "the SA uses ESP-in-UDP but the data plane has no UDP 4500 socket".into(),
+                ));
+            }
+            None => Wire::Raw(peer4),
+        };
+        ip.sas.install_outbound(peer4, sa, wire);
+        let queued = ip.sas.take_queue(peer4);
+        let n = queued.len();
+        for bytes in queued {
+            self.send_nhrp_impl(peer, &bytes).await?;
+        }
+        if n > 0 {
+            let mut b = Batch::default();
+            b.add(Field::NhrpDequeued, n as u64);
+            self.shared.counters.flush(&mut b);
+        }
+        Ok(n)
+    }
+
+    /// Removes an inbound SA; false if there was none with this SPI.
+    pub fn remove_inbound(&self, spi: u32) -> bool {
+        self.shared
+            .ipsec
+            .as_ref()
+            .is_some_and(|ip| ip.sas.remove_inbound(spi))
+    }
+
+    /// Removes `peer`'s outbound SA if it is `spi` (or whatever it is, with `None`).
+    pub fn remove_outbound(&self, peer: IpAddr, spi: Option<u32>) -> bool {
+        let (Some(ip), IpAddr::V4(p)) = (&self.shared.ipsec, peer) else {
+            return false;
+        };
+        ip.sas.remove_outbound(p, spi)
+    }
+
+    /// Removes every SA of `peer` and drops its queued NHRP packets; returns the SA count.
+    pub fn remove_peer_sas(&self, peer: IpAddr) -> usize {
+        let (Some(ip), IpAddr::V4(p)) = (&self.shared.ipsec, peer) else {
+            return 0;
+        };
+        ip.sas.remove_peer(p)
+    }
+
+    /// Whether `peer` has an outbound SA.
+    pub fn has_outbound_sa(&self, peer: IpAddr) -> bool {
+        let (Some(ip), IpAddr::V4(p)) = (&self.shared.ipsec, peer) else {
+            return false;
+        };
+        ip.sas.load().out.contains_key(&p)
+    }
+
+    /// NHRP packets waiting for `peer`'s SA.
+    pub fn queued_nhrp(&self, peer: IpAddr) -> usize {
+        let (Some(ip), IpAddr::V4(p)) = (&self.shared.ipsec, peer) else {
+            return 0;
+        };
+        ip.sas.queued(p)
+    }
+
+    /// Every installed SA with its counters, for `show`.
+    pub fn sas(&self) -> Vec<SaInfo> {
+        self.shared
+            .ipsec
+            .as_ref()
+            .map(|ip| ip.sas.infos())
+            .unwrap_or_default()
+    }
+}
+
+fn v4_only(a: IpAddr) -> Result<Ipv4Addr, DataPlaneError> {
+    match a {
+        IpAddr::V4(a) => Ok(a),
+        IpAddr::V6(_) => Err(DataPlaneError::Unsupported {
+            addr: a,
+            why: "the userspace data plane has an IPv4 underlay only",
+        }),
     }
 }
 
@@ -450,18 +727,25 @@ impl DataPlane for UserspaceDataPlane {
     }
 }
 
-/// A packet staged for `sendmmsg`: `bufs[buf][start..end]` to `to`.
+/// A packet staged for `sendmmsg`: `bufs[buf][start..end]` to `to:port` (port 0 on raw
+/// sockets).
 #[derive(Debug, Clone, Copy)]
 struct Staged {
     buf: usize,
     start: usize,
     end: usize,
     to: Ipv4Addr,
+    port: u16,
 }
 
-/// Sends the staged packets with as few `sendmmsg` calls as the socket allows. A packet
-/// the kernel refuses is counted and skipped; the rest of the batch still goes out.
-async fn send_staged(shared: &Shared, bufs: &[Box<[u8]>], staged: &[Staged], st: &mut TaskState) {
+/// Sends the staged packets on `sock` with as few `sendmmsg` calls as the socket allows. A
+/// packet the kernel refuses is counted and skipped; the rest of the batch still goes out.
+async fn send_staged(
+    sock: &AsyncFd<Socket>,
+    bufs: &[Box<[u8]>],
+    staged: &[Staged],
+    st: &mut TaskState,
+) {
     let n = staged.len().min(MAX_SEND);
     if n == 0 {
         return;
@@ -473,7 +757,7 @@ async fn send_staged(shared: &Shared, bufs: &[Box<[u8]>], staged: &[Staged], st:
                 .get(s.buf)
                 .and_then(|b| b.get(s.start..s.end))
                 .unwrap_or(&[]);
-            (pkt, SocketAddrV4::new(s.to, 0))
+            (pkt, SocketAddrV4::new(s.to, s.port))
         })
     });
     let mut done = 0;
@@ -481,7 +765,7 @@ async fn send_staged(shared: &Shared, bufs: &[Box<[u8]>], staged: &[Staged], st:
         let Some(rest) = msgs.get(done..n) else {
             return;
         };
-        let mut guard = match shared.sock.writable().await {
+        let mut guard = match sock.writable().await {
             Ok(g) => g,
             Err(e) => {
                 for (_, to) in rest {
@@ -506,6 +790,111 @@ async fn send_staged(shared: &Shared, bufs: &[Box<[u8]>], staged: &[Staged], st:
                 done += 1;
             }
             Err(_would_block) => {}
+        }
+    }
+}
+
+/// Sends GRE packets: in clear, or sealed in place with each peer's outbound SA and split
+/// by how the SA leaves (raw ESP or ESP-in-UDP).
+async fn send_gre(
+    shared: &Shared,
+    bufs: &mut [Box<[u8]>],
+    staged: &[Staged],
+    out: &mut Scratch,
+    st: &mut TaskState,
+) {
+    let Some(ip) = &shared.ipsec else {
+        send_staged(&shared.sock, bufs, staged, st).await;
+        return;
+    };
+    let Scratch { raw, udp, clear } = out;
+    raw.clear();
+    udp.clear();
+    clear.clear();
+    {
+        let now = Instant::now();
+        let sas = ip.sas.load();
+        // The SA of the previous packet stays locked while consecutive packets use it.
+        let mut run: Option<(
+            Ipv4Addr,
+            &esp::OutEntry,
+            std::sync::MutexGuard<'_, OutboundSa>,
+        )> = None;
+        for s in staged {
+            let Some(e) = sas.out.get(&s.to) else {
+                if ip.require {
+                    st.drop_pkt(
+                        DropReason::NoSa,
+                        Some(IpAddr::V4(s.to)),
+                        &format_args!("no IPsec SA with {} yet; IKE is started", s.to),
+                    );
+                    st.need_sa(s.to, now);
+                } else {
+                    clear.push(*s);
+                }
+                continue;
+            };
+            if run.as_ref().is_none_or(|(p, ..)| *p != s.to) {
+                run = Some((s.to, e.as_ref(), lock(&e.sa)));
+            }
+            let Some((_, entry, sa)) = run.as_mut() else {
+                continue;
+            };
+            let Some(esp_start) = s.start.checked_sub(ESP_HEADROOM) else {
+                st.drop_pkt(DropReason::EspInvalid, None, &"no room for the ESP header");
+                continue;
+            };
+            let Some(buf) = bufs.get_mut(s.buf).and_then(|b| b.get_mut(esp_start..)) else {
+                continue;
+            };
+            match sa.seal_in_place(now, dmvpn_esp::NEXT_HEADER_GRE, buf, s.end - s.start) {
+                Ok(len) => {
+                    st.batch.add(Field::EspTx, 1);
+                    let (to, port, list) = match entry.wire {
+                        Wire::Raw(a) => (a, 0, &mut *raw),
+                        Wire::Udp(a) => (*a.ip(), a.port(), &mut *udp),
+                    };
+                    list.push(Staged {
+                        buf: s.buf,
+                        start: esp_start,
+                        end: esp_start + len,
+                        to,
+                        port,
+                    });
+                }
+                Err(e) => {
+                    let reason = match e {
+                        EspError::LifetimeExpired { .. } => DropReason::NoSa,
+                        _ => DropReason::EspInvalid,
+                    };
+                    st.drop_pkt(reason, Some(IpAddr::V4(s.to)), &e);
+                    if reason == DropReason::NoSa {
+                        st.need_sa(s.to, now);
+                    }
+                }
+            }
+        }
+    }
+    send_staged(&ip.esp, bufs, raw, st).await;
+    send_staged(&shared.sock, bufs, clear, st).await;
+    if let Some((sock, _)) = &ip.udp {
+        send_staged(sock, bufs, udp, st).await;
+    }
+}
+
+/// Preallocated lists of packets to send, by socket.
+struct Scratch {
+    raw: Vec<Staged>,
+    udp: Vec<Staged>,
+    clear: Vec<Staged>,
+}
+
+impl Scratch {
+    fn new(cap: usize) -> Self {
+        Self {
+            raw: Vec::with_capacity(cap),
+            udp: Vec::with_capacity(cap),
+            clear: Vec::with_capacity(cap),
         }
     }
 }
@@ -560,9 +949,10 @@ async fn read_tun_batch(
     n
 }
 
-/// TUN → GRE: read a batch, encapsulate in place, send with `sendmmsg`.
+/// TUN → GRE (→ ESP): read a batch, encapsulate in place, send with `sendmmsg`.
 async fn tun_loop(shared: Arc<Shared>, mut st: TaskState) {
-    let buf_len = HEADROOM + usize::from(shared.mtu).max(TUN_MIN_BUF);
+    // Room after the packet for the ESP trailer and ICV.
+    let buf_len = HEADROOM + usize::from(shared.mtu).max(TUN_MIN_BUF) + dmvpn_esp::ESP_MAX_TAILROOM;
     let mut bufs: Vec<Box<[u8]>> = (0..TUN_BATCH)
         .map(|_| vec![0u8; buf_len].into_boxed_slice())
         .collect();
@@ -577,6 +967,7 @@ async fn tun_loop(shared: Arc<Shared>, mut st: TaskState) {
         }
     ];
     let mut staged: Vec<Staged> = Vec::with_capacity(TUN_BATCH);
+    let mut scratch = Scratch::new(TUN_BATCH);
     let mut errors_logged = false;
     loop {
         let n = read_tun_batch(&shared, &mut vnet, &mut bufs, &mut lens, &mut errors_logged).await;
@@ -590,6 +981,12 @@ async fn tun_loop(shared: Arc<Shared>, mut st: TaskState) {
             let now = Instant::now();
             let snap = shared.tables.load();
             for (i, (buf, len)) in bufs.iter_mut().zip(lens.iter()).take(n).enumerate() {
+                // With offload the segment may end close to the buffer end: keep the ESP
+                // tail room free.
+                let room = buf.len().saturating_sub(dmvpn_esp::ESP_MAX_TAILROOM);
+                let Some(buf) = buf.get_mut(..room) else {
+                    continue;
+                };
                 if let TunAction::Send { start, end, to } =
                     path::tun_packet(&shared.path, &snap, buf, *len, now, &mut st)
                 {
@@ -598,23 +995,114 @@ async fn tun_loop(shared: Arc<Shared>, mut st: TaskState) {
                         start,
                         end,
                         to,
+                        port: 0,
                     });
                 }
             }
         }
-        send_staged(&shared, &bufs, &staged, &mut st).await;
+        send_gre(&shared, &mut bufs, &staged, &mut scratch, &mut st).await;
         shared.counters.flush(&mut st.batch);
     }
 }
 
-/// GRE → TUN (or, on a hub, → another spoke).
-async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
+/// Which receive socket an `rx_loop` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RxKind {
+    /// Raw IP protocol 47: GRE in clear.
+    Gre,
+    /// Raw IP protocol 50: ESP.
+    Esp,
+    /// UDP 4500: ESP-in-UDP, IKE (non-ESP marker) and NAT keepalives.
+    Udp,
+}
+
+/// Opens ESP packet `buf[start..end]` with the inbound SA of its SPI (locked once per run
+/// of packets of one SA); returns the GRE range and the SA's peer.
+#[allow(clippy::too_many_arguments)]
+fn open_esp<'a>(
+    sas: &'a esp::SaSnapshot,
+    run: &mut Option<(u32, &'a esp::InEntry, std::sync::MutexGuard<'a, InboundSa>)>,
+    buf: &mut [u8],
+    start: usize,
+    end: usize,
+    from: Ipv4Addr,
+    now: Instant,
+    st: &mut TaskState,
+) -> Option<(usize, usize, Ipv4Addr)> {
+    let peer = Some(IpAddr::V4(from));
+    let pkt = buf.get_mut(start..end)?;
+    let Some(spi) = dmvpn_esp::peek_spi(pkt) else {
+        st.drop_pkt(DropReason::EspInvalid, peer, &"ESP packet without an SPI");
+        return None;
+    };
+    if run.as_ref().is_none_or(|(s, ..)| *s != spi) {
+        *run = None;
+        let Some(e) = sas.inb.get(&spi) else {
+            st.drop_pkt(
+                DropReason::EspUnknownSpi,
+                peer,
+                &format_args!("no inbound SA with SPI {spi:#010x}"),
+            );
+            return None;
+        };
+        *run = Some((spi, e.as_ref(), lock(&e.sa)));
+    }
+    let (_, entry, sa) = run.as_mut()?;
+    match sa.open_in_place(now, pkt) {
+        Ok(o) if o.next_header == dmvpn_esp::NEXT_HEADER_GRE => {
+            st.batch.add(Field::EspRx, 1);
+            Some((start + o.payload.start, start + o.payload.end, entry.peer))
+        }
+        // A dummy packet (RFC 4303 §2.6): discard silently.
+        Ok(o) if o.next_header == dmvpn_esp::NEXT_HEADER_NONE => None,
+        Ok(o) => {
+            st.drop_pkt(
+                DropReason::EspInvalid,
+                peer,
+                &format_args!("ESP carries protocol {}, not GRE", o.next_header),
+            );
+            None
+        }
+        Err(e) => {
+            let reason = match e {
+                EspError::Replayed { .. } | EspError::TooOld { .. } => DropReason::EspReplay,
+                EspError::AuthFailed => DropReason::EspAuth,
+                EspError::UnknownSpi { .. } => DropReason::EspUnknownSpi,
+                _ => DropReason::EspInvalid,
+            };
+            st.drop_pkt(reason, peer, &e);
+            None
+        }
+    }
+}
+
+/// GRE (or ESP, or UDP 4500) → TUN (or, on a hub, → another spoke).
+async fn rx_loop(shared: Arc<Shared>, mut st: TaskState, kind: RxKind) {
+    let sock = match (kind, &shared.ipsec) {
+        (RxKind::Gre, _) => &shared.sock,
+        (RxKind::Esp, Some(ip)) => &ip.esp,
+        (
+            RxKind::Udp,
+            Some(Ipsec {
+                udp: Some((u, _)), ..
+            }),
+        ) => u,
+        _ => return,
+    };
+    let udp_local = match &shared.ipsec {
+        Some(Ipsec {
+            udp: Some((_, l)), ..
+        }) => *l,
+        _ => SocketAddr::from((shared.path.local_nbma, dmvpn_esp::udp::NAT_T_PORT)),
+    };
     let mut bufs: Vec<Box<[u8]>> = (0..BATCH)
         .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
         .collect();
     let mut lens = [0usize; BATCH];
+    let mut froms = [SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); BATCH];
     let mut actions = [RxAction::Skip; BATCH];
     let mut staged: Vec<Staged> = Vec::with_capacity(BATCH);
+    let mut scratch = Scratch::new(BATCH);
     // Offload: inner packets behind room for the virtio-net header, coalesced by GRO.
     let vhl = tun_rs::VIRTIO_NET_HDR_LEN;
     let mut tun_out: Vec<Vec<u8>> = if shared.offload {
@@ -627,21 +1115,27 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
     let mut gro = tun_rs::GROTable::new();
     let mut rx_error_logged = false;
     loop {
-        let mut guard = match shared.sock.readable().await {
+        let mut guard = match sock.readable().await {
             Ok(g) => g,
             Err(e) => {
-                tracing::error!(error = %e, "waiting on the raw GRE socket failed; stopping");
+                tracing::error!(error = %e, ?kind, "waiting on a receive socket failed; stopping");
                 return;
             }
         };
-        let n = match guard.try_io(|fd| mmsg::recv(fd.as_fd(), &mut bufs, &mut lens)) {
+        let r = guard.try_io(|fd| match kind {
+            RxKind::Udp => {
+                mmsg::recv_from_v4(fd.as_fd(), &mut bufs, UDP_RX_OFFSET, &mut lens, &mut froms)
+            }
+            _ => mmsg::recv(fd.as_fd(), &mut bufs, &mut lens),
+        });
+        let n = match r {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 // Unexpected (the socket is non-blocking and reports no ICMP errors): log
                 // the first, then back off briefly so a persistent error cannot spin.
                 if !rx_error_logged {
                     rx_error_logged = true;
-                    tracing::warn!(error = %e, "receiving on the raw GRE socket failed (logged once)");
+                    tracing::warn!(error = %e, ?kind, "receiving failed (logged once)");
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -653,16 +1147,86 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
         {
             let now = Instant::now();
             let snap = shared.tables.load();
-            for ((buf, len), action) in bufs
+            let sas = shared.ipsec.as_ref().map(|ip| ip.sas.load());
+            let mut run = None;
+            for (((buf, len), action), from) in bufs
                 .iter_mut()
                 .zip(lens.iter())
                 .zip(actions.iter_mut())
+                .zip(froms.iter())
                 .take(n)
             {
-                *action = match buf.get_mut(..*len) {
-                    Some(pkt) => path::rx_packet(&shared.path, &snap, pkt, now, &mut st),
-                    None => RxAction::Skip,
-                };
+                *action = RxAction::Skip;
+                match (kind, &sas) {
+                    (RxKind::Gre, _) => {
+                        *action = match buf.get_mut(..*len) {
+                            Some(pkt) => path::rx_packet(&shared.path, &snap, pkt, now, &mut st),
+                            None => RxAction::Skip,
+                        };
+                    }
+                    (RxKind::Esp, Some(sas)) => {
+                        let Some((ihl, total, src)) = path::outer_v4(
+                            &shared.path,
+                            buf.get(..*len).unwrap_or(&[]),
+                            50,
+                            &mut st,
+                        ) else {
+                            continue;
+                        };
+                        if let Some((gs, ge, peer)) =
+                            open_esp(sas, &mut run, buf, ihl, total, src, now, &mut st)
+                        {
+                            *action =
+                                path::rx_gre(&shared.path, &snap, buf, gs, ge, peer, now, &mut st);
+                        }
+                    }
+                    (RxKind::Udp, Some(sas)) => {
+                        let end = UDP_RX_OFFSET + *len;
+                        let Some(payload) = buf.get(UDP_RX_OFFSET..end) else {
+                            continue;
+                        };
+                        match dmvpn_esp::udp::classify_udp_4500(payload) {
+                            Ok(dmvpn_esp::udp::Udp4500::Keepalive) => {}
+                            Ok(dmvpn_esp::udp::Udp4500::Ike(_)) => {
+                                st.batch.add(Field::IkeRx, 1);
+                                st.emit(Event::Ike {
+                                    from: SocketAddr::V4(*from),
+                                    local: udp_local,
+                                    payload: payload.to_vec(),
+                                });
+                            }
+                            Ok(dmvpn_esp::udp::Udp4500::Esp(_)) => {
+                                if let Some((gs, ge, peer)) = open_esp(
+                                    sas,
+                                    &mut run,
+                                    buf,
+                                    UDP_RX_OFFSET,
+                                    end,
+                                    *from.ip(),
+                                    now,
+                                    &mut st,
+                                ) {
+                                    *action = path::rx_gre(
+                                        &shared.path,
+                                        &snap,
+                                        buf,
+                                        gs,
+                                        ge,
+                                        peer,
+                                        now,
+                                        &mut st,
+                                    );
+                                }
+                            }
+                            Err(e) => st.drop_pkt(
+                                DropReason::EspInvalid,
+                                Some(IpAddr::V4(*from.ip())),
+                                &e,
+                            ),
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
         let (mut n_out, mut out_bytes) = (0usize, 0u64);
@@ -674,6 +1238,7 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
                     start,
                     end,
                     to,
+                    port: 0,
                 }),
                 RxAction::Tun { start, end } => {
                     let Some(pkt) = bufs.get(i).and_then(|b| b.get(start..end)) else {
@@ -716,7 +1281,7 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState) {
                 Err(e) => st.drop_pkt(DropReason::TunWriteError, None, &e),
             }
         }
-        send_staged(&shared, &bufs, &staged, &mut st).await;
+        send_gre(&shared, &mut bufs, &staged, &mut scratch, &mut st).await;
         shared.counters.flush(&mut st.batch);
     }
 }

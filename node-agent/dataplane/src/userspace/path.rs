@@ -13,8 +13,9 @@ use crate::events::{Deduper, Event, HAIRPIN_HEAD_LEN, LogOnce, MissReason};
 use crate::gre::{self, GreHeader};
 use crate::tables::{Lookup, Snapshot};
 
-/// Room kept in front of a packet read from the TUN for the GRE header.
-pub(crate) const HEADROOM: usize = gre::MAX_HEADER_LEN;
+/// Room kept in front of a packet read from the TUN for the GRE header and, in front of
+/// that, the ESP header and IV.
+pub(crate) const HEADROOM: usize = dmvpn_esp::ESP_HEADROOM + gre::MAX_HEADER_LEN;
 
 /// Static facts the packet path needs.
 #[derive(Debug, Clone)]
@@ -23,6 +24,8 @@ pub(crate) struct PathConfig {
     pub key: Option<u32>,
     pub hub: bool,
     pub local_addrs: Vec<IpAddr>,
+    /// IPsec is required: GRE in clear is dropped, packets go out only through an SA.
+    pub require_ipsec: bool,
 }
 
 impl PathConfig {
@@ -40,6 +43,7 @@ pub(crate) struct TaskState {
     hairpin: Deduper<(IpAddr, IpAddr)>,
     miss: Deduper<IpAddr>,
     used: Deduper<IpAddr>,
+    need_sa: Deduper<Ipv4Addr>,
 }
 
 /// Distinct flows each deduper remembers.
@@ -54,6 +58,7 @@ impl TaskState {
             hairpin: Deduper::new(window, DEDUPE_CAP),
             miss: Deduper::new(window, DEDUPE_CAP),
             used: Deduper::new(window, DEDUPE_CAP),
+            need_sa: Deduper::new(window, DEDUPE_CAP),
         }
     }
 
@@ -80,6 +85,17 @@ impl TaskState {
     ) {
         self.batch.drop(reason);
         self.log.drop(reason, peer, detail);
+    }
+
+    /// Asks the agent for an SA with `peer` (deduplicated per window).
+    pub(crate) fn need_sa(&mut self, peer: Ipv4Addr, now: Instant) {
+        if self.need_sa.allow(peer, now) {
+            self.emit(Event::NeedSa {
+                nbma: IpAddr::V4(peer),
+            });
+        } else {
+            self.suppressed();
+        }
     }
 
     fn suppressed(&mut self) {
@@ -309,6 +325,39 @@ pub(crate) enum RxAction {
     },
 }
 
+/// Checks the outer IPv4 header of a raw packet of IP protocol `proto` addressed to us;
+/// returns (header length, total length, source).
+pub(crate) fn outer_v4(
+    cfg: &PathConfig,
+    buf: &[u8],
+    proto: u8,
+    st: &mut TaskState,
+) -> Option<(usize, usize, Ipv4Addr)> {
+    // The kernel has validated and reassembled it already; check only what we rely on.
+    let Some(h) = buf.get(..20) else {
+        st.drop_pkt(DropReason::BadOuter, None, &"shorter than an IPv4 header");
+        return None;
+    };
+    let ihl = usize::from(h[0] & 0x0F) * 4;
+    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+    let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+    let peer = Some(IpAddr::V4(src));
+    if h[0] >> 4 != 4 || ihl < 20 || h[9] != proto || total < ihl || total > buf.len() {
+        st.drop_pkt(DropReason::BadOuter, peer, &"malformed outer IPv4 header");
+        return None;
+    }
+    if dst != cfg.local_nbma {
+        st.drop_pkt(
+            DropReason::NotForUs,
+            peer,
+            &format_args!("outer destination {dst} is not our NBMA address"),
+        );
+        return None;
+    }
+    Some((ihl, total, src))
+}
+
 /// A raw IPv4 packet (outer header included, as raw sockets deliver it) is in `buf`.
 pub(crate) fn rx_packet(
     cfg: &PathConfig,
@@ -317,30 +366,37 @@ pub(crate) fn rx_packet(
     now: Instant,
     st: &mut TaskState,
 ) -> RxAction {
-    // Outer IPv4 header. The kernel has validated and reassembled it already; check only
-    // what we rely on.
-    let Some(h) = buf.get(..20) else {
-        st.drop_pkt(DropReason::BadOuter, None, &"shorter than an IPv4 header");
+    let Some((ihl, total, src)) = outer_v4(cfg, buf, 47, st) else {
         return RxAction::Skip;
     };
-    let ihl = usize::from(h[0] & 0x0F) * 4;
-    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
-    let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
-    let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
     let peer = Some(IpAddr::V4(src));
-    if h[0] >> 4 != 4 || ihl < 20 || h[9] != 47 || total < ihl || total > buf.len() {
-        st.drop_pkt(DropReason::BadOuter, peer, &"malformed outer IPv4 header");
-        return RxAction::Skip;
-    }
-    if dst != cfg.local_nbma {
+    if cfg.require_ipsec {
         st.drop_pkt(
-            DropReason::NotForUs,
+            DropReason::Unprotected,
             peer,
-            &format_args!("outer destination {dst} is not our NBMA address"),
+            &"GRE in clear although IPsec is required (is the peer's ipsec enabled?)",
         );
         return RxAction::Skip;
     }
-    let (hdr, off) = match buf.get(ihl..total).map(GreHeader::decode) {
+    rx_gre(cfg, snap, buf, ihl, total, src, now, st)
+}
+
+/// The GRE packet `buf[gre_start..end]` came from the peer at NBMA address `src` (outer
+/// source, or the peer of the ESP SA that opened it). There is room in front of it for a
+/// new GRE header plus the ESP header (hub forwarding).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rx_gre(
+    cfg: &PathConfig,
+    snap: &Snapshot,
+    buf: &mut [u8],
+    gre_start: usize,
+    end: usize,
+    src: Ipv4Addr,
+    now: Instant,
+    st: &mut TaskState,
+) -> RxAction {
+    let peer = Some(IpAddr::V4(src));
+    let (hdr, off) = match buf.get(gre_start..end).map(GreHeader::decode) {
         Some(Ok(x)) => x,
         Some(Err(e)) => {
             st.drop_pkt(DropReason::BadGre, peer, &e);
@@ -359,10 +415,10 @@ pub(crate) fn rx_packet(
         st.drop_pkt(DropReason::WrongKey, peer, &detail);
         return RxAction::Skip;
     }
-    let inner_start = ihl + off;
+    let inner_start = gre_start + off;
     st.batch.add(Field::RxPackets, 1);
-    st.batch.add(Field::RxBytes, (total - ihl) as u64);
-    let Some(inner) = buf.get(inner_start..total) else {
+    st.batch.add(Field::RxBytes, (end - gre_start) as u64);
+    let Some(inner) = buf.get(inner_start..end) else {
         return RxAction::Skip;
     };
     match hdr.protocol {
@@ -389,7 +445,7 @@ pub(crate) fn rx_packet(
             }
             let to_tun = RxAction::Tun {
                 start: inner_start,
-                end: total,
+                end,
             };
             if !cfg.hub || cfg.is_local(idst) {
                 return to_tun;
@@ -409,7 +465,7 @@ pub(crate) fn rx_packet(
                 );
                 return RxAction::Skip;
             }
-            let Some(inner) = buf.get_mut(inner_start..total) else {
+            let Some(inner) = buf.get_mut(inner_start..end) else {
                 return RxAction::Skip;
             };
             if !header_ok(inner) {
@@ -438,14 +494,13 @@ pub(crate) fn rx_packet(
                 return to_tun;
             };
             if buf
-                .get_mut(start..total)
+                .get_mut(start..end)
                 .is_none_or(|p| out.encode_packet(p).is_err())
             {
                 return to_tun;
             }
             st.batch.add(Field::HubFwdPackets, 1);
-            st.batch
-                .add(Field::HubFwdBytes, (total - inner_start) as u64);
+            st.batch.add(Field::HubFwdBytes, (end - inner_start) as u64);
             if let Some(head) = head {
                 st.emit(Event::Hairpin {
                     src: isrc,
@@ -454,11 +509,7 @@ pub(crate) fn rx_packet(
                     head,
                 });
             }
-            RxAction::Forward {
-                start,
-                end: total,
-                to,
-            }
+            RxAction::Forward { start, end, to }
         }
         other => {
             st.drop_pkt(
@@ -505,6 +556,7 @@ mod tests {
             key: Some(42),
             hub,
             local_addrs: vec![ip(local)],
+            require_ipsec: false,
         };
         (
             cfg,
