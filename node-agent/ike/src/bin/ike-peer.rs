@@ -6,7 +6,7 @@
 //! ```text
 //! ike-peer --local 198.51.100.2 [--initiate 198.51.100.1] (--psk SECRET | --cert C.der --key K.p8 --ca CA.der)
 //!          [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS]
-//!          [--rekey] [--rekey-ike] [--no-pfs] [--fragment-size BYTES] [--delete] [--esp-probe]
+//!          [--rekey] [--rekey-ike] [--no-pfs] [--fragment-size BYTES] [--cookie-threshold N] [--dpd SECS] [--retransmit-ms MS] [--retransmit-tries N] [--delete] [--esp-probe]
 //!
 //! `--esp-probe` installs the CHILD SA in `dmvpn_esp`, sends one ESP packet per second (a GRE
 //! packet, inside an IPv4 header in tunnel mode) and prints `ESP_IN` for each ESP packet that
@@ -35,7 +35,7 @@ struct Args {
 fn usage(msg: &str) -> String {
     format!(
         "{msg}\nusage: ike-peer --local IP [--initiate IP] (--psk SECRET | --cert C.der --key K.p8 --ca CA.der) \
-         [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS] [--rekey] [--rekey-ike] [--no-pfs] [--fragment-size BYTES] [--delete] [--timeout SECS] [--esp-probe]"
+         [--id IP|FQDN] [--mode transport|tunnel] [--encap] [--dh x25519|p256] [--stay SECS] [--rekey] [--rekey-ike] [--no-pfs] [--fragment-size BYTES] [--cookie-threshold N] [--dpd SECS] [--retransmit-ms MS] [--retransmit-tries N] [--delete] [--timeout SECS] [--esp-probe]"
     )
 }
 
@@ -60,6 +60,10 @@ fn parse() -> Result<Args, String> {
     let mut esp_probe = false;
     let mut rekey_ike = false;
     let mut no_pfs = false;
+    let mut cookie_threshold = None;
+    let mut dpd = None;
+    let mut retransmit_ms = None;
+    let mut retransmit_tries = None;
     let mut fragment_size = None;
     while let Some(a) = it.next() {
         let mut val = || {
@@ -128,6 +132,32 @@ fn parse() -> Result<Args, String> {
             }
             "--rekey-ike" => rekey_ike = true,
             "--no-pfs" => no_pfs = true,
+            "--cookie-threshold" => {
+                cookie_threshold = Some(
+                    val()?
+                        .parse()
+                        .map_err(|_| usage("--cookie-threshold takes a count"))?,
+                )
+            }
+            "--dpd" => {
+                dpd = Some(Duration::from_secs(
+                    val()?.parse().map_err(|_| usage("--dpd takes seconds"))?,
+                ))
+            }
+            "--retransmit-ms" => {
+                retransmit_ms = Some(
+                    val()?
+                        .parse()
+                        .map_err(|_| usage("--retransmit-ms takes milliseconds"))?,
+                )
+            }
+            "--retransmit-tries" => {
+                retransmit_tries = Some(
+                    val()?
+                        .parse()
+                        .map_err(|_| usage("--retransmit-tries takes a count"))?,
+                )
+            }
             "--fragment-size" => {
                 fragment_size = Some(
                     val()?
@@ -152,6 +182,18 @@ fn parse() -> Result<Args, String> {
     config.mode = mode;
     config.force_udp_encap = encap;
     config.child_pfs = !no_pfs;
+    if let Some(c) = cookie_threshold {
+        config.cookie_threshold = c;
+    }
+    if dpd.is_some() {
+        config.dpd_interval = dpd;
+    }
+    if let Some(ms) = retransmit_ms {
+        config.retransmit_initial = Duration::from_millis(ms);
+    }
+    if let Some(t) = retransmit_tries {
+        config.retransmit_tries = t;
+    }
     if let Some(f) = fragment_size {
         config.fragment_size = f;
     }
