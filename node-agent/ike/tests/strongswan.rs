@@ -1191,3 +1191,51 @@ fn liveness_and_dead_peer_timeout() {
         "{out}"
     );
 }
+
+/// The other algorithms: ChaCha20-Poly1305 for IKE and ESP, PRF SHA-384, group 19 (P-256),
+/// reached through charon's INVALID_KE_PAYLOAD (we offer X25519 first).
+#[test]
+fn chacha20_p256_sha384_after_invalid_ke() {
+    if !runnable() {
+        return;
+    }
+    let opts = Opts {
+        ike: "chacha20poly1305-prfsha384-ecp256",
+        ..Opts::default()
+    };
+    let lab = Lab::start_opts(&Auth::Psk(PSK), "tunnel", false, "chacha20poly1305", &opts);
+    let peer = lab.peer(&s(&[
+        "--initiate",
+        SWAN_IP,
+        "--psk",
+        PSK,
+        "--mode",
+        "tunnel",
+        "--stay",
+        "3",
+        "--esp-probe",
+    ]));
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.gre_from_swan();
+    let (ok, out) = finish(peer);
+    let sas = lab.swan(&["--list-sas"]);
+    let log = lab.charon_log();
+    assert!(ok, "{out}\n{log}");
+    assert!(log.contains("N(INVAL_KE)"), "{log}");
+    assert!(
+        sas.contains("CHACHA20_POLY1305/PRF_HMAC_SHA2_384/ECP_256"),
+        "{sas}"
+    );
+    assert!(
+        sas.contains("INSTALLED, TUNNEL-in-UDP, ESP:CHACHA20_POLY1305"),
+        "{sas}"
+    );
+    assert!(out.contains("suite=chacha20poly1305"), "{out}");
+    assert!(out.matches("ESP_IN spi=").count() >= 3, "{out}");
+    let in_line = sas
+        .lines()
+        .skip_while(|l| !l.contains("INSTALLED"))
+        .find(|l| l.trim_start().starts_with("in "))
+        .unwrap_or_default();
+    assert!(!in_line.contains(" 0 packets"), "{sas}");
+}
