@@ -1081,7 +1081,12 @@ impl Endpoint {
             )));
             payloads.push(Payload::Notify(Notify::status(
                 notify::NAT_DETECTION_DESTINATION_IP,
-                crate::crypto::nat_hash(header.spi_i, spi_r, remote),
+                // A wrong hash makes the initiator see NAT when encapsulation is forced.
+                if self.config.force_udp_encap {
+                    vec![0; 20]
+                } else {
+                    crate::crypto::nat_hash(header.spi_i, spi_r, remote)
+                },
             )));
         }
         payloads.extend(self.capability_notifies());
@@ -1314,8 +1319,10 @@ impl IkeSa {
             return Vec::new();
         };
         let (first, plain) = wire::encode_chain(inner);
+        // fragment_size bounds the IP datagram (RFC 7383 §2.5.1): IPv6 and UDP headers, the
+        // non-ESP marker, the IKE header, the SKF header, IV, pad length and ICV.
         let overhead =
-            HEADER_LEN + 8 + crate::crypto::SK_IV_LEN + crate::crypto::SK_ICV_LEN + 1 + 8;
+            40 + 8 + 4 + HEADER_LEN + 8 + crate::crypto::SK_IV_LEN + 1 + crate::crypto::SK_ICV_LEN;
         let room = ctx.config.fragment_size.saturating_sub(overhead).max(64);
         if !self.peer_fragments || plain.len() <= room {
             return vec![tx.seal_message(header, inner)];

@@ -293,6 +293,15 @@ fn forced_encapsulation_moves_to_4500() {
 }
 
 #[test]
+fn responder_forcing_encapsulation_moves_the_initiator_to_4500() {
+    let mut cb = Config::new(ip(B), psk("sekrit-123456789"));
+    cb.force_udp_encap = true;
+    let n = established(Config::new(ip(A), psk("sekrit-123456789")), cb);
+    assert_eq!(child_keys(&n.ev_a)[0].udp_encap, Some((4500, 4500)));
+    assert_eq!(child_keys(&n.ev_b)[0].udp_encap, Some((4500, 4500)));
+}
+
+#[test]
 fn cookies_are_demanded_under_load_and_half_open_is_bounded() {
     let mut cb = Config::new(ip(B), psk("sekrit-123456789"));
     cb.cookie_threshold = 2;
