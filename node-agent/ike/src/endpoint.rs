@@ -147,6 +147,45 @@ pub enum Event {
     },
 }
 
+/// Phase of an IKE SA, for `show`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IkeSaState {
+    /// Initiator: IKE_SA_INIT or IKE_AUTH under way.
+    Connecting,
+    /// Responder: IKE_SA_INIT answered, IKE_AUTH not yet received.
+    HalfOpen,
+    Established,
+    /// Being deleted, or replaced by a rekeyed IKE SA and waiting for its delete.
+    Closing,
+}
+
+/// One CHILD SA, for `show`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildSaInfo {
+    pub spi_in: u32,
+    pub spi_out: u32,
+    pub age: Duration,
+    pub rekeying: bool,
+}
+
+/// One IKE SA, for `show`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IkeSaInfo {
+    pub peer: IpAddr,
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub spi_i: u64,
+    pub spi_r: u64,
+    /// Whether we initiated this IKE SA (after an IKE rekey: the rekey).
+    pub initiator: bool,
+    pub state: IkeSaState,
+    pub peer_identity: Option<Identity>,
+    pub nat: bool,
+    /// Time since IKE_SA_INIT, or since establishment / the last IKE rekey.
+    pub age: Duration,
+    pub children: Vec<ChildSaInfo>,
+}
+
 /// Counters of dropped input, for `show` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -489,6 +528,43 @@ impl Endpoint {
     pub fn ike_sa_count(&self) -> usize {
         self.sas.len()
     }
+    /// Every IKE SA and its CHILD SAs, for `show` (no key material).
+    pub fn snapshot(&self, now: Instant) -> Vec<IkeSaInfo> {
+        let mut v: Vec<IkeSaInfo> = self
+            .sas
+            .values()
+            .map(|sa| IkeSaInfo {
+                peer: sa.remote.ip(),
+                remote: sa.remote,
+                local: sa.local,
+                spi_i: sa.spi_i,
+                spi_r: sa.spi_r,
+                initiator: sa.initiator,
+                state: match sa.state {
+                    State::InitSent | State::AuthSent => IkeSaState::Connecting,
+                    State::HalfOpen => IkeSaState::HalfOpen,
+                    State::Established => IkeSaState::Established,
+                    State::Deleting | State::Rekeyed => IkeSaState::Closing,
+                },
+                peer_identity: sa.peer_identity.clone(),
+                nat: sa.nat,
+                age: now.saturating_duration_since(sa.created),
+                children: sa
+                    .children
+                    .iter()
+                    .map(|c| ChildSaInfo {
+                        spi_in: c.spi_in,
+                        spi_out: c.spi_out,
+                        age: now.saturating_duration_since(c.created),
+                        rekeying: c.rekeying,
+                    })
+                    .collect(),
+            })
+            .collect();
+        v.sort_by_key(|i| (i.peer, i.spi_i));
+        v
+    }
+
     /// Whether an established IKE SA with `peer` exists.
     pub fn is_established(&self, peer: IpAddr) -> bool {
         self.sas

@@ -65,5 +65,6 @@ pub use auth::{CredentialError, Identity};
 pub use config::{AuthConfig, ChildMode, Config, ConfigError};
 pub use crypto::{DhGroup, Encr, Prf};
 pub use endpoint::{
-    ChildSaKeys, CommandError, Endpoint, Event, FailReason, IKE_PORT, NAT_T_PORT, Stats, Transmit,
+    ChildSaInfo, ChildSaKeys, CommandError, Endpoint, Event, FailReason, IKE_PORT, IkeSaInfo,
+    IkeSaState, NAT_T_PORT, Stats, Transmit,
 };

@@ -54,13 +54,13 @@ impl Net {
                     self.drop_from_a -= 1;
                     continue;
                 }
-                assert_eq!(t.dst.ip(), ip(B));
+                assert_eq!(t.dst.ip(), self.b.config().local_addr);
                 self.b.handle_datagram(self.now, t.src, t.dst, &t.payload);
             }
             while let Some(t) = self.b.poll_transmit() {
                 moved = true;
                 self.wire.push(t.clone());
-                assert_eq!(t.dst.ip(), ip(A));
+                assert_eq!(t.dst.ip(), self.a.config().local_addr);
                 self.a.handle_datagram(self.now, t.src, t.dst, &t.payload);
             }
             while let Some(e) = self.a.poll_event() {
@@ -143,6 +143,14 @@ fn psk_establishes_ike_and_child_sa() {
     assert_eq!(ka[0].udp_encap, None);
     assert_esp_works(&ka[0], &kb[0]);
     assert_esp_works(&kb[0], &ka[0]);
+    let snap = n.a.snapshot(n.now);
+    assert_eq!(snap.len(), 1);
+    assert_eq!(snap[0].state, dmvpn_ike::IkeSaState::Established);
+    assert_eq!(snap[0].peer_identity, Some(Identity::Ip(ip(B))));
+    assert!(snap[0].initiator);
+    assert_eq!(snap[0].children.len(), 1);
+    assert_eq!(snap[0].children[0].spi_in, ka[0].spi_in);
+    assert!(!n.b.snapshot(n.now)[0].initiator);
     // Four messages: IKE_SA_INIT and IKE_AUTH request/response, all on port 500.
     assert_eq!(n.wire.len(), 4);
     assert!(
@@ -629,4 +637,31 @@ fn initial_contact_after_a_restart_drops_the_stale_sa() {
     assert_eq!(child_keys(&n.ev_b).len(), 1);
     // Only the new exchange went on the wire: no delete for the stale SA.
     assert_eq!(n.wire.len(), 4);
+}
+
+#[test]
+fn ipv6_nbma_addresses() {
+    let (a6, b6) = (ip("2001:db8::1"), ip("2001:db8::2"));
+    let mut n = Net::new(
+        Config::new(a6, psk("sekrit-123456789")),
+        Config::new(b6, psk("sekrit-123456789")),
+    );
+    n.a.initiate(n.now, b6).unwrap();
+    n.run();
+    let (ka, kb) = (child_keys(&n.ev_a), child_keys(&n.ev_b));
+    assert_eq!((ka.len(), kb.len()), (1, 1), "{:?}", n.ev_a);
+    assert_eq!(
+        ka[0].local_ts,
+        dmvpn_ike::wire::TrafficSelector::host(a6, 47)
+    );
+    assert_eq!(
+        ka[0].remote_ts,
+        dmvpn_ike::wire::TrafficSelector::host(b6, 47)
+    );
+    assert_eq!(ka[0].udp_encap, None);
+    assert_esp_works(&ka[0], &kb[0]);
+    assert!(
+        n.a.initiate(n.now, ip(B)).is_err(),
+        "IPv4 peer from an IPv6 endpoint"
+    );
 }
