@@ -1239,3 +1239,53 @@ fn chacha20_p256_sha384_after_invalid_ke() {
         .unwrap_or_default();
     assert!(!in_line.contains(" 0 packets"), "{sas}");
 }
+
+/// charon with its default proposals (no algorithm configuration) accepts ours.
+#[test]
+fn charon_default_proposals() {
+    if !runnable() {
+        return;
+    }
+    let opts = Opts {
+        ike: "default",
+        ..Opts::default()
+    };
+    let lab = Lab::start_opts(&Auth::Psk(PSK), "tunnel", false, "default", &opts);
+    let (ok, out) = finish(lab.peer(&s(&[
+        "--initiate",
+        SWAN_IP,
+        "--psk",
+        PSK,
+        "--mode",
+        "tunnel",
+    ])));
+    let sas = lab.swan(&["--list-sas"]);
+    assert!(ok, "{out}\n{}", lab.charon_log());
+    assert!(
+        sas.contains("AES_GCM_16-256/PRF_HMAC_SHA2_256/CURVE_25519"),
+        "{sas}"
+    );
+    assert!(
+        sas.contains("INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-256"),
+        "{sas}"
+    );
+    drop(lab);
+    // charon initiating offers its non-AEAD proposals first; we pick its AEAD ones.
+    let lab = Lab::start_opts(&Auth::Psk(PSK), "tunnel", false, "default", &opts);
+    let peer = lab.peer(&s(&["--psk", PSK, "--mode", "tunnel", "--stay", "1"]));
+    std::thread::sleep(Duration::from_millis(300));
+    let init = lab.swan(&["--initiate", "--child", "gre", "--timeout", "10"]);
+    assert!(
+        init.contains("initiate completed successfully"),
+        "{init}\n{}",
+        lab.charon_log()
+    );
+    let (ok, out) = finish(peer);
+    assert!(ok, "{out}");
+    let sas = lab.swan(&["--list-sas"]);
+    assert!(
+        sas.contains("ESTABLISHED") && sas.contains("INSTALLED"),
+        "{sas}"
+    );
+    assert!(sas.contains("AES_GCM_16"), "{sas}");
+}
