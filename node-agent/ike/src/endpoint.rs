@@ -238,6 +238,7 @@ enum Request {
 
 struct Outstanding {
     message_id: u32,
+    exchange: u8,
     datagrams: Vec<Vec<u8>>,
     request: Request,
     sent: u32,
@@ -1423,6 +1424,7 @@ impl IkeSa {
         self.emit(ctx, &datagrams);
         self.outstanding = Some(Outstanding {
             message_id: id,
+            exchange: exch,
             datagrams,
             request,
             sent: 1,
@@ -1510,6 +1512,7 @@ impl IkeSa {
         self.state = State::InitSent;
         self.outstanding = Some(Outstanding {
             message_id: 0,
+            exchange: exchange::IKE_SA_INIT,
             datagrams: vec![msg],
             request: Request::Handshake,
             sent: 1,
@@ -1815,7 +1818,7 @@ impl IkeSa {
                 stats.unexpected += 1;
                 return true;
             };
-            if o.message_id != header.message_id {
+            if o.message_id != header.message_id || o.exchange != header.exchange {
                 stats.unexpected += 1;
                 return true;
             }
