@@ -55,6 +55,9 @@ pub struct Context {
     pub hubs: Store<DmvpnHub>,
     pub spokes: Store<DmvpnSpoke>,
     pub nodes: Store<Node>,
+    /// Set once the hub and node caches hold their initial lists. (Store::wait_until_ready
+    /// wakes only one waiter, so the reconcilers wait on this instead.)
+    pub caches_ready: tokio::sync::watch::Receiver<bool>,
     pub ipam: Ipam,
     pub ca: CaManager,
     pub metrics: Arc<Metrics>,
@@ -79,6 +82,7 @@ impl Context {
         hubs: Store<DmvpnHub>,
         spokes: Store<DmvpnSpoke>,
         nodes: Store<Node>,
+        caches_ready: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let conflicts = metrics.allocation_conflicts.clone();
         let recorder = Recorder::new(
@@ -111,6 +115,7 @@ impl Context {
             hubs,
             spokes,
             nodes,
+            caches_ready,
             metrics,
             recorder,
             ready: Mutex::new(HashMap::new()),

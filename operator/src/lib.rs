@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod pki;
 pub mod reconcile;
 pub mod run;
+#[cfg(feature = "fake-api")]
+pub mod testing;
 
 pub use context::Settings;
 pub use run::{Options, RunError, run};

@@ -752,9 +752,9 @@ pub async fn reconcile_spoke(spoke: Arc<DmvpnSpoke>, ctx: Arc<Context>) -> Resul
     let name = spoke.name_any();
     let holder = ipam::holder(SPOKE, &name);
     let secret_name = dmvpn_crds::spoke_certificate_secret_name(&name);
+    tracing::trace!(spoke = %name, "reconcile");
     // Allocation must see every hub (reserved addresses), so wait for the initial list.
-    let _ = ctx.hubs.wait_until_ready().await;
-    let _ = ctx.nodes.wait_until_ready().await;
+    let _ = ctx.caches_ready.clone().wait_for(|r| *r).await;
 
     if spoke.metadata.deletion_timestamp.is_some() {
         let net = spoke
@@ -866,9 +866,13 @@ pub async fn reconcile_spoke(spoke: Arc<DmvpnSpoke>, ctx: Arc<Context>) -> Resul
                             hub.name_any()
                         ),
                     )),
-                    Err(e @ IpamError::Exhausted { .. }) => {
-                        Err((reasons::POOL_EXHAUSTED, e.to_string()))
-                    }
+                    Err(IpamError::Exhausted { used, size, .. }) => Err((
+                        reasons::POOL_EXHAUSTED,
+                        format!(
+                            "spec.hubs[0].name: the tunnel network {net} (spec.tunnelNetwork of DmvpnHub {:?}) has no free address left ({used} of {size} in use); use a larger network",
+                            hub.name_any()
+                        ),
+                    )),
                     Err(e) => return Err(e.into()),
                 },
             };
@@ -1079,4 +1083,69 @@ pub fn error_policy<K>(kind: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Contex
             Action::requeue(Duration::from_secs(5))
         }
     }
+}
+
+/// Makes the address records agree with the addresses recorded in statuses (after a restart
+/// with a lost or older record), before any new address is handed out.
+pub async fn rebuild_records(ctx: &Context) -> Result<usize, Error> {
+    let mut claimed = 0;
+    for hub in ctx.hubs_api.list(&Default::default()).await?.items {
+        let (Some(addr), Ok(net)) = (
+            hub.status
+                .as_ref()
+                .and_then(|s| s.tunnel_address.as_deref())
+                .and_then(ipam::parse_addr),
+            ipam::parse_network(&hub.spec.tunnel_network),
+        ) else {
+            continue;
+        };
+        match ctx
+            .ipam
+            .allocate(
+                &net,
+                &ipam::holder(HUB, &hub.name_any()),
+                Want::Exactly(addr),
+            )
+            .await
+        {
+            Ok(a) => claimed += usize::from(a.new),
+            Err(IpamError::Kube(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(hub = %hub.name_any(), error = %e, "cannot re-claim the hub address")
+            }
+        }
+    }
+    for spoke in ctx.spokes_api.list(&Default::default()).await?.items {
+        let Some(status) = spoke.status.as_ref() else {
+            continue;
+        };
+        let (Some(addr), Some(Ok(net))) = (
+            status.tunnel_address.as_deref().and_then(ipam::parse_addr),
+            status.tunnel_network.as_deref().map(ipam::parse_network),
+        ) else {
+            continue;
+        };
+        match ctx
+            .ipam
+            .allocate(
+                &net,
+                &ipam::holder(SPOKE, &spoke.name_any()),
+                Want::Exactly(addr),
+            )
+            .await
+        {
+            Ok(a) => claimed += usize::from(a.new),
+            Err(IpamError::Kube(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(spoke = %spoke.name_any(), error = %e, "cannot re-claim the spoke address")
+            }
+        }
+    }
+    if claimed > 0 {
+        tracing::info!(
+            claimed,
+            "re-claimed addresses recorded in statuses but missing from the records"
+        );
+    }
+    Ok(claimed)
 }

@@ -100,9 +100,12 @@ pub async fn run(
                 let work = work.clone();
                 let mut rx = leading_rx.clone();
                 async move {
-                    let lost = rx.wait_for(|l| !*l).await.is_ok();
+                    // Without election the sender is gone from the start: never "lost".
+                    if rx.wait_for(|l| !*l).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
                     work.cancel();
-                    lost
+                    true
                 }
             };
             let controllers = run_controllers(
@@ -160,37 +163,46 @@ async fn run_controllers(
 
     let hub_ctrl = Controller::new(hubs_api.clone(), watcher::Config::default());
     let spoke_ctrl = Controller::new(spokes_api, watcher::Config::default());
-    let hubs = hub_ctrl.store();
     let spokes = spoke_ctrl.store();
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let node_events =
-        reflector::reflector(node_writer, watcher(nodes_api, watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
-            .filter_map(|r| futures::future::ready(r.ok().map(|_| ())));
+
+    // Own caches of hubs and nodes for the spoke reconciler, each driven by one task that
+    // reports when its initial list is in.
+    let (hubs, hubs_ready) = spawn_cache(hubs_api.clone(), stop.clone(), None);
+    let (node_tx, node_rx) = tokio::sync::mpsc::channel::<()>(16);
+    let (nodes, nodes_ready) = spawn_cache(nodes_api, stop.clone(), Some(node_tx));
+    let (caches_tx, caches_ready) = watch::channel(false);
+    {
+        let (mut h, mut n, health) = (hubs_ready, nodes_ready, health.clone());
+        tokio::spawn(async move {
+            if h.wait_for(|r| *r).await.is_ok() && n.wait_for(|r| *r).await.is_ok() {
+                caches_tx.send_replace(true);
+                health.ready.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+    let node_events = futures::stream::unfold(node_rx, |mut rx| async move {
+        rx.recv().await.map(|()| ((), rx))
+    });
 
     let ctx = Arc::new(Context::new(
         client.clone(),
         settings,
         metrics,
-        hubs.clone(),
+        hubs,
         spokes.clone(),
         nodes,
+        caches_ready,
     ));
-    // Create (or load) the CA before reconciling anything.
+    // Create (or load) the CA, and re-claim recorded addresses, before reconciling anything.
     ctx.ca.current(ctx.settings.clock.now()).await?;
-
-    {
-        let (hubs, spokes, health, stop) =
-            (hubs.clone(), spokes.clone(), health.clone(), stop.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = async { let _ = hubs.wait_until_ready().await; let _ = spokes.wait_until_ready().await; } => {
-                    health.ready.store(true, Ordering::Relaxed);
-                }
-            }
-        });
+    let mut attempt = 0u32;
+    while let Err(e) = reconcile::rebuild_records(&ctx).await {
+        attempt += 1;
+        tracing::warn!(error = %e, attempt, "rebuilding address records failed; retrying");
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
     }
 
     let spokes_for_hub = spokes.clone();
@@ -246,4 +258,55 @@ async fn run_controllers(
         });
     futures::join!(spoke_run, hub_run);
     Ok(())
+}
+
+/// A reflector cache driven by its own task. The watch flag turns true once the initial list
+/// is in; `changes` (if given) gets a message for every change after that.
+fn spawn_cache<K>(
+    api: Api<K>,
+    stop: CancellationToken,
+    changes: Option<tokio::sync::mpsc::Sender<()>>,
+) -> (reflector::Store<K>, watch::Receiver<bool>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let (ready_tx, ready_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .boxed();
+        loop {
+            let ev = tokio::select! {
+                _ = stop.cancelled() => return,
+                ev = stream.next() => ev,
+            };
+            match ev {
+                None => return,
+                Some(Ok(watcher::Event::InitDone)) => {
+                    ready_tx.send_replace(true);
+                    if let Some(c) = &changes {
+                        let _ = c.try_send(());
+                    }
+                }
+                Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
+                    if let Some(c) = &changes {
+                        // A full channel already means "something changed": dropping is fine.
+                        let _ = c.try_send(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying")
+                }
+            }
+        }
+    });
+    (store, ready_rx)
 }

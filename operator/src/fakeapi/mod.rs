@@ -99,6 +99,7 @@ pub fn builtin_resources() -> Vec<ResourceSpec> {
         ResourceSpec::new("", "v1", "namespaces", "Namespace", false, true),
         ResourceSpec::new("", "v1", "nodes", "Node", false, true),
         ResourceSpec::new("", "v1", "secrets", "Secret", true, false),
+        ResourceSpec::new("", "v1", "services", "Service", true, true),
         ResourceSpec::new("", "v1", "configmaps", "ConfigMap", true, false),
         ResourceSpec::new("", "v1", "events", "Event", true, false),
         ResourceSpec::new("events.k8s.io", "v1", "events", "Event", true, false),
@@ -109,12 +110,17 @@ pub fn builtin_resources() -> Vec<ResourceSpec> {
 /// One kind of request, as RBAC sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestKey {
+    /// Who asked: the bearer token of the request (see [`FakeApiServer::client_as`]), or
+    /// `anonymous`.
+    pub user: String,
     /// Kubernetes verb: get, list, watch, create, update, patch, delete, deletecollection.
     pub verb: String,
     pub group: String,
     pub resource: String,
     /// Empty for the main resource, else e.g. `status`.
     pub subresource: String,
+    /// Namespace of the request; None for cluster-scoped resources and all-namespace requests.
+    pub namespace: Option<String>,
 }
 
 /// A scripted failure: the next `count` requests matching (verb, resource) get `code`.
@@ -229,6 +235,16 @@ impl FakeApiServer {
     /// A real `kube::Client` talking to this server.
     pub fn client(&self) -> kube::Result<kube::Client> {
         kube::Client::try_from(self.config())
+    }
+
+    /// A client whose requests are recorded under `user` (sent as a bearer token), so tests
+    /// can tell the operator's requests from their own.
+    pub fn client_as(&self, user: &str) -> kube::Result<kube::Client> {
+        let mut config = self.config();
+        if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {user}")) {
+            config.headers.push((http::header::AUTHORIZATION, v));
+        }
+        kube::Client::try_from(config)
     }
 
     /// Serves one more resource type.
@@ -441,8 +457,16 @@ fn route(
     };
     {
         let mut requests = shared.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let user = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("anonymous")
+            .to_owned();
         *requests
             .entry(RequestKey {
+                user,
+                namespace: target.namespace.clone(),
                 verb: verb.to_owned(),
                 group: spec.group.clone(),
                 resource: spec.plural.clone(),

@@ -487,6 +487,8 @@ async fn records_requests_and_injects_failures() {
     secrets.get("s").await.unwrap();
     let reqs = server.requests();
     let key = |verb: &str| RequestKey {
+        user: "anonymous".to_owned(),
+        namespace: Some("default".to_owned()),
         verb: verb.to_owned(),
         group: String::new(),
         resource: "secrets".to_owned(),
@@ -495,4 +497,14 @@ async fn records_requests_and_injects_failures() {
     assert_eq!(reqs.get(&key("create")), Some(&2));
     assert_eq!(reqs.get(&key("get")), Some(&1));
     assert_eq!(reqs.len(), 2);
+
+    let op: Api<Secret> = Api::namespaced(server.client_as("operator").unwrap(), "default");
+    op.get("s").await.unwrap();
+    let by_op: Vec<_> = server
+        .requests()
+        .into_keys()
+        .filter(|k| k.user == "operator")
+        .collect();
+    assert_eq!(by_op.len(), 1);
+    assert_eq!(by_op[0].verb, "get");
 }
