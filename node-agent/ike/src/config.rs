@@ -125,8 +125,29 @@ impl Config {
         if self.esp_suites.is_empty() {
             return Err(ConfigError::EmptyProposal("ESP"));
         }
-        if self.retransmit_tries == 0 || self.retransmit_initial.is_zero() {
+        if self.retransmit_tries == 0
+            || self.retransmit_tries > 16
+            || self.retransmit_initial.is_zero()
+            || self.retransmit_initial > Duration::from_secs(60)
+        {
             return Err(ConfigError::Retransmit);
+        }
+        // Bounded durations keep every deadline computation far from Instant overflow.
+        let day = Duration::from_secs(86_400);
+        for (name, d, max) in [
+            ("ike_lifetime", Some(self.ike_lifetime), 30 * day),
+            ("child_lifetime", Some(self.child_lifetime), 30 * day),
+            ("dpd_interval", self.dpd_interval, day),
+            ("half_open_timeout", Some(self.half_open_timeout), day),
+        ] {
+            if let Some(d) = d
+                && (d < Duration::from_secs(1) || d > max)
+            {
+                return Err(ConfigError::Duration {
+                    name,
+                    max_secs: max.as_secs(),
+                });
+            }
         }
         if self.cookie_threshold > self.max_half_open {
             return Err(ConfigError::CookieThreshold);
@@ -150,8 +171,10 @@ impl Config {
 pub enum ConfigError {
     #[error("no {0} algorithms configured: list at least one of each kind")]
     EmptyProposal(&'static str),
-    #[error("retransmit_tries and retransmit_initial must be non-zero")]
+    #[error("retransmit_tries must be 1..=16 and retransmit_initial between 1 ms and 60 s")]
     Retransmit,
+    #[error("{name} must be between 1 s and {max_secs} s")]
+    Duration { name: &'static str, max_secs: u64 },
     #[error("cookie_threshold must not exceed max_half_open")]
     CookieThreshold,
     #[error("fragment_size {0} is below the IPv4 minimum of 576 bytes")]
@@ -160,4 +183,42 @@ pub enum ConfigError {
     Credential(#[from] crate::auth::CredentialError),
     #[error("random number generator failed")]
     Random,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::new(
+            "198.51.100.1".parse().unwrap(),
+            AuthConfig::Psk(Zeroizing::new(b"0123456789abcdef".to_vec())),
+        )
+    }
+
+    #[test]
+    fn defaults_validate_and_bounds_are_enforced() {
+        assert_eq!(cfg().validate(), Ok(()));
+        let mut c = cfg();
+        c.ike_lifetime = Duration::from_secs(u64::MAX / 4);
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Duration {
+                name: "ike_lifetime",
+                ..
+            })
+        ));
+        let mut c = cfg();
+        c.retransmit_tries = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Retransmit));
+        let mut c = cfg();
+        c.esp_suites.clear();
+        assert_eq!(c.validate(), Err(ConfigError::EmptyProposal("ESP")));
+        let mut c = cfg();
+        c.auth = AuthConfig::Psk(Zeroizing::new(Vec::new()));
+        assert!(matches!(c.validate(), Err(ConfigError::Credential(_))));
+        let mut c = cfg();
+        c.cookie_threshold = c.max_half_open + 1;
+        assert_eq!(c.validate(), Err(ConfigError::CookieThreshold));
+    }
 }
