@@ -106,9 +106,15 @@ impl Lab {
     }
 
     pub fn start_operator_with(&self, opts: Options) -> RunningOperator {
+        self.start_operator_as(opts, OPERATOR_USER)
+    }
+
+    /// Starts an operator whose requests are recorded under `user`.
+    pub fn start_operator_as(&self, opts: Options, user: &str) -> RunningOperator {
         let stop = CancellationToken::new();
         let metrics = opts.metrics.clone();
-        let handle = tokio::spawn(run(self.operator_client(), opts, stop.clone()));
+        let client = self.server.client_as(user).expect("client");
+        let handle = tokio::spawn(run(client, opts, stop.clone()));
         RunningOperator {
             stop,
             handle,

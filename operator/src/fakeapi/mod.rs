@@ -121,6 +121,8 @@ pub struct RequestKey {
     pub subresource: String,
     /// Namespace of the request; None for cluster-scoped resources and all-namespace requests.
     pub namespace: Option<String>,
+    /// Object name for requests on one object (RBAC `resourceNames` apply to these).
+    pub name: Option<String>,
 }
 
 /// A scripted failure: the next `count` requests matching (verb, resource) get `code`.
@@ -467,6 +469,7 @@ fn route(
             .entry(RequestKey {
                 user,
                 namespace: target.namespace.clone(),
+                name: target.name.clone(),
                 verb: verb.to_owned(),
                 group: spec.group.clone(),
                 resource: spec.plural.clone(),

@@ -489,6 +489,7 @@ async fn records_requests_and_injects_failures() {
     let key = |verb: &str| RequestKey {
         user: "anonymous".to_owned(),
         namespace: Some("default".to_owned()),
+        name: (verb != "create").then(|| "s".to_owned()),
         verb: verb.to_owned(),
         group: String::new(),
         resource: "secrets".to_owned(),
