@@ -491,3 +491,49 @@ async fn invalid_specs_are_reported_on_the_field() {
     agents.cancel();
     op.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_manifests_become_ready() {
+    // The same objects e2e/k8s/run.sh applies to a real cluster.
+    let lab = Lab::start().await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(lab.client.clone());
+    for n in ["node-1", "node-2"] {
+        let patch = json!({"metadata": {"labels": {
+            "dmvpn.kube-dmvpn.io/role": "hub", "dmvpn.kube-dmvpn.io/gateway": "true"}}});
+        nodes
+            .patch(n, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+    let op = lab.start_operator(test_settings());
+    let agents = lab.start_agents();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/examples");
+    for file in ["hub.yaml", "spoke-a.yaml", "spoke-b.yaml"] {
+        let text = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        let v: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+        match v["kind"].as_str() {
+            Some("DmvpnHub") => {
+                let hub: DmvpnHub = serde_json::from_value(v).unwrap();
+                lab.hubs.create(&Default::default(), &hub).await.unwrap();
+            }
+            _ => {
+                let spoke: DmvpnSpoke = serde_json::from_value(v).unwrap();
+                lab.spokes.create(&Default::default(), &spoke).await.unwrap();
+            }
+        }
+    }
+    let list = lab.wait_all_ready(2, WAIT).await;
+    let addrs = addresses(&list);
+    assert_eq!(addrs["spoke-b"], Ipv4Addr::new(10, 42, 0, 20), "static address");
+    assert_eq!(addrs["spoke-a"], Ipv4Addr::new(10, 42, 0, 2), "lowest free after the hub's .1");
+    let a = list.iter().find(|s| s.name_any() == "spoke-a").unwrap();
+    assert_eq!(
+        a.status.as_ref().unwrap().site_prefixes,
+        vec!["10.244.1.0/24".to_owned(), "10.244.2.0/24".to_owned()],
+        "pod CIDRs of the nodes"
+    );
+    let hub = lab.hubs.get("hub-a").await.unwrap();
+    assert_eq!(hub.status.unwrap().tunnel_address.as_deref(), Some("10.42.0.1"));
+    agents.cancel();
+    op.shutdown().await.unwrap();
+}
