@@ -250,6 +250,10 @@ struct Child {
     spi_out: u32,
     created: Instant,
     rekeying: bool,
+    /// When the original initiator rekeys it (90 % of the lifetime, or a retry).
+    rekey_at: Instant,
+    /// Past its lifetime without a successful rekey: being deleted.
+    expiring: bool,
 }
 
 struct FragBuf {
@@ -295,7 +299,10 @@ struct IkeSa {
     rekeying_ike: bool,
     /// Send INITIAL_CONTACT in IKE_AUTH.
     initial_contact: bool,
-    ike_rekey_done: bool,
+    /// When the original initiator rekeys this IKE SA (90 % of the lifetime, or a retry).
+    rekey_at: Instant,
+    /// The DH group of IKE_SA_INIT (or the last IKE rekey), reused for rekeys.
+    dh_group: Option<DhGroup>,
 }
 
 /// All IKE SAs of one node.
@@ -595,12 +602,17 @@ impl Endpoint {
                         at(sa.last_heard + d);
                     }
                     if sa.initiator_of_rekeys() {
-                        if !sa.ike_rekey_done {
-                            at(sa.created + rekey_after(self.config.ike_lifetime));
+                        if !sa.rekeying_ike {
+                            at(sa.rekey_at);
                         }
-                        for c in sa.children.iter().filter(|c| !c.rekeying) {
-                            at(c.created + rekey_after(self.config.child_lifetime));
+                        for c in sa.children.iter().filter(|c| !c.rekeying && !c.expiring) {
+                            at(c.rekey_at);
                         }
+                    }
+                    // Hard lifetimes, for when rekeying failed.
+                    at(sa.created + self.config.ike_lifetime);
+                    for c in sa.children.iter().filter(|c| !c.expiring) {
+                        at(c.created + self.config.child_lifetime);
                     }
                 }
                 _ => {}
@@ -1129,6 +1141,7 @@ impl Endpoint {
         let nat = (nat_d_present && !(src_ok && dst_ok)) || self.config.force_udp_encap;
         let mut sa = IkeSa::new(false, header.spi_i, spi_r, local, remote, now);
         sa.nat = nat;
+        sa.dh_group = Some(group);
         sa.peer_fragments = has_notify(p, notify::IKEV2_FRAGMENTATION_SUPPORTED);
         sa.peer_sig_hashes = has_notify(p, notify::SIGNATURE_HASH_ALGORITHMS);
         sa.ni = ni.clone();
@@ -1213,6 +1226,9 @@ impl Endpoint {
 
 /// CHILD SA key material: initiator-to-responder, then responder-to-initiator.
 type KeyPair = (Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>);
+
+/// Delay before a refused rekey is tried again.
+const REKEY_RETRY: Duration = Duration::from_secs(30);
 
 fn rekey_after(lifetime: Duration) -> Duration {
     lifetime.mul_f64(0.9)
@@ -1335,7 +1351,8 @@ impl IkeSa {
             last_heard: now,
             rekeying_ike: false,
             initial_contact: false,
-            ike_rekey_done: false,
+            rekey_at: now,
+            dh_group: None,
         }
     }
 
@@ -1563,6 +1580,26 @@ impl IkeSa {
         if self.state != State::Established {
             return true;
         }
+        if now >= self.created + ctx.config.ike_lifetime {
+            // Not rekeyed in time: the IKE SA and its CHILD SAs end here.
+            self.state = State::Deleting;
+            self.pending.clear();
+            self.pending.push_back(Request::DeleteIke);
+            self.pump(ctx);
+            return true;
+        }
+        let expired: Vec<u32> = self
+            .children
+            .iter()
+            .filter(|c| !c.expiring && now >= c.created + ctx.config.child_lifetime)
+            .map(|c| c.spi_in)
+            .collect();
+        for spi_in in expired {
+            if let Some(c) = self.children.iter_mut().find(|c| c.spi_in == spi_in) {
+                c.expiring = true;
+            }
+            self.pending.push_back(Request::DeleteChild { spi_in });
+        }
         if let Some(d) = ctx.config.dpd_interval
             && now >= self.last_heard + d
             && self.pending.is_empty()
@@ -1570,18 +1607,13 @@ impl IkeSa {
             self.pending.push_back(Request::Liveness);
         }
         if self.initiator_of_rekeys() {
-            if !self.ike_rekey_done
-                && !self.rekeying_ike
-                && now >= self.created + rekey_after(ctx.config.ike_lifetime)
-            {
+            if !self.rekeying_ike && now >= self.rekey_at {
                 self.queue_ike_rekey(ctx);
             }
             let due: Vec<u32> = self
                 .children
                 .iter()
-                .filter(|c| {
-                    !c.rekeying && now >= c.created + rekey_after(ctx.config.child_lifetime)
-                })
+                .filter(|c| !c.rekeying && !c.expiring && now >= c.rekey_at)
                 .map(|c| c.spi_in)
                 .collect();
             for s in due {
@@ -1758,11 +1790,10 @@ impl IkeSa {
         }
         c.rekeying = true;
         // PFS: a fresh key exchange for every rekeyed CHILD SA.
-        let group = ctx
-            .config
-            .ike_dh
-            .first()
-            .copied()
+        // The group IKE_SA_INIT settled on is one both ends accept.
+        let group = self
+            .dh_group
+            .or_else(|| ctx.config.ike_dh.first().copied())
             .unwrap_or(DhGroup::X25519);
         let share = KeyShare::generate(group).ok().map(std::sync::Arc::new);
         self.pending.push_back(Request::RekeyChild {
@@ -1785,11 +1816,10 @@ impl IkeSa {
         if crate::crypto::random(&mut nonce).is_err() {
             return;
         }
-        let group = ctx
-            .config
-            .ike_dh
-            .first()
-            .copied()
+        // The group IKE_SA_INIT settled on is one both ends accept.
+        let group = self
+            .dh_group
+            .or_else(|| ctx.config.ike_dh.first().copied())
             .unwrap_or(DhGroup::X25519);
         let Ok(share) = KeyShare::generate(group) else {
             return;
@@ -2146,6 +2176,7 @@ impl IkeSa {
         self.nr = nr.clone();
         let keys = IkeKeys::derive(prf, encr, &shared, &self.ni, nr, self.spi_i, self.spi_r);
         self.install_keys(keys);
+        self.dh_group = DhGroup::from_id(group);
         self.share = None;
         self.init_resp = bytes.to_vec();
         self.peer_fragments = has_notify(p, notify::IKEV2_FRAGMENTATION_SUPPORTED);
@@ -2363,6 +2394,8 @@ impl IkeSa {
             spi_out,
             created: ctx.now,
             rekeying: false,
+            rekey_at: ctx.now + rekey_after(ctx.config.child_lifetime),
+            expiring: false,
         });
         ctx.events.push_back(Event::ChildSaUp {
             peer: self.remote.ip(),
@@ -2386,6 +2419,7 @@ impl IkeSa {
     fn ike_up(&mut self, ctx: &mut Ctx<'_>, identity: Identity) {
         self.state = State::Established;
         self.created = ctx.now;
+        self.rekey_at = ctx.now + rekey_after(ctx.config.ike_lifetime);
         self.peer_identity = Some(identity.clone());
         ctx.events.push_back(Event::IkeSaUp {
             peer: self.remote.ip(),
@@ -2860,8 +2894,8 @@ impl IkeSa {
         if let Some(k) = first_error(inner) {
             if let Some(c) = self.children.iter_mut().find(|c| c.spi_in == old_spi) {
                 c.rekeying = false;
-                // Try again later rather than at once.
-                c.created = ctx.now;
+                // Try again later rather than at once; the hard lifetime still applies.
+                c.rekey_at = ctx.now + REKEY_RETRY;
             }
             ctx.fail(
                 peer,
@@ -2992,7 +3026,7 @@ impl IkeSa {
         let keys = IkeKeys::derive_rekey(
             old.prf, &old.sk_d, prf, encr, &shared, ni, &nr, peer_spi, new_spi,
         );
-        self.switch_ike(ctx, keys, false, peer_spi, new_spi, false);
+        self.switch_ike(ctx, keys, false, peer_spi, new_spi, false, g);
     }
 
     fn rekey_ike_response(
@@ -3011,7 +3045,7 @@ impl IkeSa {
                 notify_reason(k),
                 format!("IKE SA rekey refused with notify {k}"),
             );
-            self.ike_rekey_done = true;
+            self.rekey_at = ctx.now + REKEY_RETRY;
             return true;
         }
         let proposals = find(inner, |x| {
@@ -3048,7 +3082,7 @@ impl IkeSa {
                 FailReason::NoProposalChosen,
                 "IKE rekey answer not acceptable",
             );
-            self.ike_rekey_done = true;
+            self.rekey_at = ctx.now + REKEY_RETRY;
             return true;
         };
         let (Ok(b), Ok(shared)) = (<[u8; 8]>::try_from(spi.as_slice()), share.agree(ke)) else {
@@ -3057,7 +3091,7 @@ impl IkeSa {
                 FailReason::Protocol("IKE rekey"),
                 "bad SPI or KE in IKE rekey answer",
             );
-            self.ike_rekey_done = true;
+            self.rekey_at = ctx.now + REKEY_RETRY;
             return true;
         };
         let peer_spi = u64::from_be_bytes(b);
@@ -3068,7 +3102,7 @@ impl IkeSa {
             old.prf, &old.sk_d, prf, encr, &shared, ni, &nr, new_spi, peer_spi,
         );
         // Continue under the new keys; the old SA deletes itself (RFC 7296 §2.18).
-        self.switch_ike(ctx, keys, true, new_spi, peer_spi, true);
+        self.switch_ike(ctx, keys, true, new_spi, peer_spi, true, share.group());
         true
     }
 
@@ -3081,6 +3115,7 @@ impl IkeSa {
         spi_i: u64,
         spi_r: u64,
         delete_old: bool,
+        group: DhGroup,
     ) {
         let old = self.our_spi();
         // The old SA keeps its keys to answer retransmissions and the delete, or to send it.
@@ -3113,7 +3148,8 @@ impl IkeSa {
         self.last_response = None;
         self.outstanding = None;
         self.created = ctx.now;
-        self.ike_rekey_done = false;
+        self.rekey_at = ctx.now + rekey_after(ctx.config.ike_lifetime);
+        self.dh_group = Some(group);
         ctx.moved = Some((old, self.our_spi(), Box::new(zombie)));
         ctx.events.push_back(Event::IkeSaRekeyed {
             peer: self.remote.ip(),

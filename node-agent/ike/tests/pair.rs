@@ -196,6 +196,22 @@ fn invalid_ke_payload_makes_the_initiator_switch_group() {
     assert_eq!(child_keys(&n.ev_a).len(), 1);
     // INIT with X25519, INVALID_KE, INIT with P-256, response, AUTH pair.
     assert_eq!(n.wire.len(), 6);
+    // Rekeys use the group both accepted (P-256), not A's first choice.
+    let mut n = n;
+    n.a.rekey_child(n.now, ip(B)).unwrap();
+    n.run();
+    n.a.rekey_ike(n.now, ip(B)).unwrap();
+    n.run();
+    assert!(
+        failures(&n.ev_a).is_empty() && failures(&n.ev_b).is_empty(),
+        "{:?}",
+        n.ev_b
+    );
+    assert!(
+        n.ev_a
+            .iter()
+            .any(|e| matches!(e, Event::IkeSaRekeyed { .. }))
+    );
 }
 
 #[test]
@@ -664,4 +680,62 @@ fn ipv6_nbma_addresses() {
         n.a.initiate(n.now, ip(B)).is_err(),
         "IPv4 peer from an IPv6 endpoint"
     );
+}
+
+fn step(n: &mut Net, secs: u64) {
+    for _ in 0..secs {
+        n.advance(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn scheduled_rekeys_and_hard_lifetimes() {
+    // Both sides: CHILD SAs rekeyed by the initiator at 90 % of 10 s.
+    let mut ca = Config::new(ip(A), psk("sekrit-123456789"));
+    ca.child_lifetime = Duration::from_secs(10);
+    let mut cb = Config::new(ip(B), psk("sekrit-123456789"));
+    cb.child_lifetime = Duration::from_secs(10);
+    let mut n = established(ca, cb);
+    n.ev_a.clear();
+    step(&mut n, 9);
+    assert!(
+        n.ev_a.iter().any(|e| matches!(
+            e,
+            Event::ChildSaUp {
+                rekeys: Some(_),
+                ..
+            }
+        )),
+        "{:?}",
+        n.ev_a
+    );
+    assert!(failures(&n.ev_a).is_empty());
+
+    // Only the responder has a short CHILD lifetime: nobody rekeys in time, so it deletes
+    // the CHILD SA when the lifetime ends; the IKE SA stays.
+    let mut cb = Config::new(ip(B), psk("sekrit-123456789"));
+    cb.child_lifetime = Duration::from_secs(10);
+    let mut n = established(Config::new(ip(A), psk("sekrit-123456789")), cb);
+    step(&mut n, 11);
+    for ev in [&n.ev_a, &n.ev_b] {
+        assert!(
+            ev.iter().any(|e| matches!(e, Event::ChildSaDown { .. })),
+            "{ev:?}"
+        );
+        assert!(!ev.iter().any(|e| matches!(e, Event::IkeSaDown { .. })));
+    }
+    assert!(n.a.is_established(ip(B)));
+
+    // The same for the IKE SA: it ends, with its CHILD SA, on both sides.
+    let mut cb = Config::new(ip(B), psk("sekrit-123456789"));
+    cb.ike_lifetime = Duration::from_secs(20);
+    let mut n = established(Config::new(ip(A), psk("sekrit-123456789")), cb);
+    step(&mut n, 21);
+    for ev in [&n.ev_a, &n.ev_b] {
+        assert!(
+            ev.iter().any(|e| matches!(e, Event::IkeSaDown { .. })),
+            "{ev:?}"
+        );
+    }
+    assert_eq!(n.a.ike_sa_count() + n.b.ike_sa_count(), 0);
 }
