@@ -3107,6 +3107,7 @@ impl IkeSa {
     }
 
     /// Moves this SA (its CHILD SAs included) onto rekeyed IKE keys and SPIs.
+    #[allow(clippy::too_many_arguments)]
     fn switch_ike(
         &mut self,
         ctx: &mut Ctx<'_>,
