@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, NbmaSource, Phase, Role, interface_address};
 use crate::control::{self, Command};
+use crate::ipsec::{Ike, SaChange};
 use crate::kernel::Kernel;
 use crate::routes::{RouteChange, RouteLayers};
 use crate::view::{
@@ -129,8 +130,19 @@ async fn initial_nbma(
     }
 }
 
-fn dataplane_config(cfg: &Config, nbma: Ipv4Addr) -> UserspaceConfig {
+fn dataplane_config(
+    cfg: &Config,
+    nbma: Ipv4Addr,
+    nat_t: Option<Arc<std::net::UdpSocket>>,
+) -> UserspaceConfig {
     let mut d = UserspaceConfig::new(cfg.tun_name.clone(), cfg.tunnel_address, nbma);
+    if cfg.ipsec.enabled {
+        d.ipsec = Some(dp::IpsecDataConfig {
+            require: true,
+            nat_t_socket: nat_t,
+        });
+        d.extra_overhead = dp::ESP_OVERHEAD;
+    }
     d.gre_key = cfg.gre_key;
     d.hub = cfg.role == Role::Hub;
     d.mtu = cfg.mtu;
@@ -192,8 +204,12 @@ struct Plane {
 }
 
 impl Plane {
-    async fn start(cfg: &Config, nbma: Ipv4Addr) -> anyhow::Result<Plane> {
-        let (dp, events) = UserspaceDataPlane::start(dataplane_config(cfg, nbma))
+    async fn start(
+        cfg: &Config,
+        nbma: Ipv4Addr,
+        nat_t: Option<Arc<std::net::UdpSocket>>,
+    ) -> anyhow::Result<Plane> {
+        let (dp, events) = UserspaceDataPlane::start(dataplane_config(cfg, nbma, nat_t))
             .await
             .context("starting the userspace data plane")?;
         Ok(Plane { dp, events })
@@ -210,6 +226,11 @@ pub struct AgentCounters {
     pub kernel_route_errors: u64,
     pub nbma_changes: u64,
     pub engine_drops: u64,
+    /// NHRP packets refused because the sender's certificate does not carry the tunnel
+    /// address it claims (per peer in `ike.identity_refused`).
+    pub nhrp_identity_refused: u64,
+    /// SAs IKE negotiated that the data plane could not install.
+    pub sa_install_errors: u64,
 }
 
 /// A tunnel neighbour as programmed into the data plane.
@@ -260,6 +281,8 @@ struct Agent {
     logged_send_errors: HashSet<IpAddr>,
     logged_error_indications: HashSet<(IpAddr, u16)>,
     nbma_warned: bool,
+    /// IKE, when `[ipsec]` is enabled.
+    ike: Option<Ike>,
 }
 
 impl Agent {
@@ -268,7 +291,13 @@ impl Agent {
         let ecfg = engine_config(&cfg, IpAddr::V4(nbma));
         let mirror = Mirror::new(&ecfg);
         let engine = Engine::new(ecfg, now).context("NHRP engine configuration")?;
-        let plane = Plane::start(&cfg, nbma).await?;
+        let ike = if cfg.ipsec.enabled {
+            Some(Ike::start(&cfg, nbma, now)?)
+        } else {
+            tracing::warn!("[ipsec] enabled = false: GRE and NHRP cross the underlay in clear");
+            None
+        };
+        let plane = Plane::start(&cfg, nbma, ike.as_ref().map(Ike::nat_t_socket)).await?;
         let kernel = Kernel::open().map_err(anyhow::Error::msg)?;
         let mut agent = Agent {
             cfg,
@@ -283,6 +312,7 @@ impl Agent {
             logged_send_errors: HashSet::new(),
             logged_error_indications: HashSet::new(),
             nbma_warned: false,
+            ike,
         };
         agent.program_static().await?;
         agent.pump().await;
@@ -323,11 +353,26 @@ impl Agent {
         let watch_nbma = matches!(self.cfg.nbma, NbmaSource::Interface(_));
         let mut nbma_tick = tokio::time::interval(NBMA_POLL);
         nbma_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ike_buf = vec![0u8; 65_535];
         loop {
             let deadline = self.engine.poll_timeout();
             let timer = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ike_deadline = self.ike.as_ref().and_then(Ike::poll_timeout);
+            let ike_timer = async {
+                match ike_deadline {
+                    Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ike_sock = self.ike.as_ref().map(Ike::socket500);
+            let ike_rx = async {
+                match ike_sock {
+                    Some(s) => Ike::recv500(s, &mut ike_buf).await,
                     None => std::future::pending().await,
                 }
             };
@@ -354,6 +399,23 @@ impl Agent {
                     self.engine.handle_timeout(Instant::now());
                     self.pump().await;
                 }
+                () = ike_timer => {
+                    if let Some(ike) = self.ike.as_mut() {
+                        ike.handle_timeout(Instant::now());
+                    }
+                    self.pump_ike().await;
+                }
+                r = ike_rx => match r {
+                    Ok((n, from)) => {
+                        if let (Some(ike), Some(data)) = (self.ike.as_mut(), ike_buf.get(..n)) {
+                            ike.handle_datagram(Instant::now(), from, None, data);
+                        }
+                        self.pump_ike().await;
+                    }
+                    Err(e) => {
+                        tracing::debug!("UDP 500 receive: {e}");
+                    }
+                },
                 _ = nbma_tick.tick(), if watch_nbma => self.check_nbma().await?,
             }
         }
@@ -364,7 +426,31 @@ impl Agent {
         let now = Instant::now();
         match ev {
             dp::Event::Nhrp { from_nbma, bytes } => {
+                if let Some(ike) = self.ike.as_mut()
+                    && ike.refused_claim(from_nbma, &bytes).is_some()
+                {
+                    self.counters.nhrp_identity_refused += 1;
+                    return;
+                }
                 self.engine.handle_packet(now, from_nbma, &bytes);
+            }
+            dp::Event::NeedSa { nbma } => {
+                if let Some(ike) = self.ike.as_mut() {
+                    ike.need_sa(now, nbma);
+                }
+                self.pump_ike().await;
+                return;
+            }
+            dp::Event::Ike {
+                from,
+                local,
+                payload,
+            } => {
+                if let Some(ike) = self.ike.as_mut() {
+                    ike.handle_datagram(now, from, Some(local), &payload);
+                }
+                self.pump_ike().await;
+                return;
             }
             dp::Event::Hairpin {
                 src,
@@ -401,6 +487,82 @@ impl Agent {
         }
         while let Some(ev) = self.engine.poll_event() {
             self.apply(ev).await;
+        }
+    }
+
+    /// Sends IKE's datagrams and applies its SA changes to the data plane.
+    async fn pump_ike(&mut self) {
+        let Some(ike) = self.ike.as_mut() else {
+            return;
+        };
+        let changes = ike.drain(Instant::now());
+        for c in changes {
+            self.apply_sa(c).await;
+        }
+    }
+
+    async fn apply_sa(&mut self, change: SaChange) {
+        let Some(p) = &self.plane else { return };
+        let now = Instant::now();
+        match change {
+            SaChange::Up {
+                peer,
+                keys,
+                lifetime,
+            } => {
+                // The ESP SA outlives IKE's rekey point (90 %) a little, so a rekey that
+                // comes late does not cut traffic; IKE deletes it when replaced.
+                let life = dmvpn_esp::Lifetime {
+                    soft_time: None,
+                    hard_time: Some(lifetime + lifetime / 4),
+                    ..dmvpn_esp::Lifetime::UNLIMITED
+                };
+                let res = async {
+                    let inb = keys.inbound()?.with_lifetime(life)?.into_inbound(now)?;
+                    let out = keys.outbound()?.with_lifetime(life)?.into_outbound(now)?;
+                    Ok::<_, dmvpn_esp::ConfigError>((inb, out))
+                }
+                .await;
+                let (inb, out) = match res {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.counters.sa_install_errors += 1;
+                        tracing::warn!(%peer, "CHILD SA keys unusable: {e}");
+                        return;
+                    }
+                };
+                // Inbound first: the peer may already send with the new SA.
+                if let Err(e) = p.dp.install_inbound(peer, inb) {
+                    self.counters.sa_install_errors += 1;
+                    tracing::warn!(%peer, "installing the inbound SA: {e}");
+                    return;
+                }
+                match p
+                    .dp
+                    .install_outbound(peer, out, keys.udp_encap.map(|(_, remote)| remote))
+                    .await
+                {
+                    Ok(n) if n > 0 => {
+                        tracing::debug!(%peer, queued = n, "sent the NHRP packets that waited for the SA")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.counters.sa_install_errors += 1;
+                        tracing::warn!(%peer, "installing the outbound SA: {e}");
+                    }
+                }
+            }
+            SaChange::Down {
+                peer,
+                spi_in,
+                spi_out,
+            } => {
+                p.dp.remove_inbound(spi_in);
+                p.dp.remove_outbound(peer, Some(spi_out));
+            }
+            SaChange::PeerDown { peer } => {
+                p.dp.remove_peer_sas(peer);
+            }
         }
     }
 
@@ -484,7 +646,17 @@ impl Agent {
                 {
                     self.dp_error(&format!("removing neighbour {proto}"), &e);
                 }
-                self.mirror.neighbors.remove(&proto);
+                let gone = self.mirror.neighbors.remove(&proto).map(|n| n.nbma);
+                // An idle shortcut (or an expired registration) takes its SA with it,
+                // unless the NBMA address still serves another neighbour or is an NHS.
+                if let Some(nbma) = gone
+                    && !self.cfg.nhs.iter().any(|n| n.nbma_address == nbma)
+                    && !self.mirror.neighbors.values().any(|n| n.nbma == nbma)
+                    && let Some(ike) = self.ike.as_mut()
+                {
+                    ike.delete(now, nbma);
+                    self.pump_ike().await;
+                }
             }
             engine::Event::RouteAdd { prefix, next_hop } => {
                 tracing::info!(%prefix, via = %next_hop, "route add");
@@ -578,11 +750,17 @@ impl Agent {
         self.counters.nbma_changes += 1;
         // The old TUN must be gone before one with the same name can be created.
         self.plane = None;
+        // IKE runs from the NBMA address: start over there (peers re-negotiate on demand).
+        if self.ike.is_some() {
+            self.ike = None;
+            self.ike = Some(Ike::start(&self.cfg, nbma, Instant::now())?);
+        }
+        let nat_t = self.ike.as_ref().map(Ike::nat_t_socket);
         let mut attempt = 0;
         let plane = loop {
             attempt += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            match Plane::start(&self.cfg, nbma).await {
+            match Plane::start(&self.cfg, nbma, nat_t.clone()).await {
                 Ok(p) => break p,
                 Err(e) if attempt < RESTART_ATTEMPTS => {
                     tracing::debug!("data plane restart attempt {attempt}: {e:#}");
@@ -630,7 +808,7 @@ impl Agent {
                     .as_ref()
                     .map(|p| traffic(&p.dp.counters()))
                     .unwrap_or_default();
-                let v = dmvpn_view(
+                let mut v = dmvpn_view(
                     &self.cfg,
                     &self.engine.snapshot(),
                     &self.mirror,
@@ -638,6 +816,16 @@ impl Agent {
                     now.saturating_duration_since(self.started).as_secs(),
                     now,
                 );
+                if let Some(ike) = &self.ike {
+                    for p in &mut v.peers {
+                        if let Some((state, err)) = p.nbma_address.and_then(|a| ike.peer_state(a)) {
+                            p.ike_state = Some(state);
+                            p.ike_error = err;
+                        }
+                    }
+                    let sas = self.plane.as_ref().map(|p| p.dp.sas()).unwrap_or_default();
+                    v.ipsec = Some(ike.view(now, sas));
+                }
                 to_json(serde_json::to_value(v))
             }
             Command::ShowNhrpCache => to_json(serde_json::to_value(cache_view(
@@ -671,6 +859,7 @@ impl Agent {
                     "nhrp": to_json(serde_json::to_value(self.engine.counters()))?,
                     "dataplane": dataplane,
                     "agent": to_json(serde_json::to_value(&self.counters))?,
+                    "ike": self.ike.as_ref().map_or(Value::Null, Ike::counters_json),
                 }))
             }
         }
@@ -682,6 +871,11 @@ impl Agent {
         let work = async {
             self.engine.shutdown(Instant::now());
             self.pump().await;
+            // The purges went out through the SAs; now tell the peers the SAs are gone.
+            if let Some(ike) = self.ike.as_mut() {
+                ike.delete_all(Instant::now());
+                let _ = ike.drain(Instant::now());
+            }
             if let Some(p) = &self.plane {
                 let ifindex = p.dp.ifindex();
                 for r in &self.cfg.overlay_routes {
@@ -823,6 +1017,8 @@ pub fn dmvpn_view(
                 attributes: String::new(),
                 prefixes: Vec::new(),
                 expires_in_secs: None,
+                ike_state: None,
+                ike_error: None,
             },
         );
     }
@@ -835,6 +1031,8 @@ pub fn dmvpn_view(
             attributes: String::new(),
             prefixes: Vec::new(),
             expires_in_secs: None,
+            ike_state: None,
+            ike_error: None,
         });
         // The programmed address wins over the configured one (it is what traffic uses).
         p.nbma_address = Some(n.nbma);
@@ -887,6 +1085,7 @@ pub fn dmvpn_view(
         uptime_secs,
         peers: peers.into_values().collect(),
         traffic,
+        ipsec: None,
     }
 }
 
@@ -913,6 +1112,7 @@ local_prefixes = ["10.1.2.0/24"]
 overlay_routes = ["10.0.0.0/8"]
 nhrp_auth = "pw"
 redirect_rate_limit_secs = 20
+ipsec = { psk = "a-test-key-of-24-bytes!!" }
 [[nhs]]
 tunnel_address = "10.42.0.1"
 nbma_address = "198.51.100.1"
@@ -954,7 +1154,7 @@ priority = 5
     #[test]
     fn hub_without_nhs_keeps_overlay_routes_out_of_the_engine() {
         let c = cfg(
-            "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\noverlay_routes = [\"10.100.0.0/16\"]\n",
+            "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\noverlay_routes = [\"10.100.0.0/16\"]\n[ipsec]\nenabled = false\n",
         );
         let e = engine_config(&c, ip("198.51.100.1"));
         assert!(e.routes_via_nhs.is_empty());
@@ -968,8 +1168,11 @@ priority = 5
             "local_prefixes = [\"10.1.2.0/24\"]",
             "local_prefixes = [\"172.16.2.0/24\"]",
         ));
-        let d = dataplane_config(&c, "198.51.100.2".parse().unwrap());
+        let d = dataplane_config(&c, "198.51.100.2".parse().unwrap(), None);
         assert_eq!(d.gre_key, Some(7));
+        // IPsec is on by default: ESP required, MTU lowered by the ESP overhead.
+        assert!(d.ipsec.as_ref().is_some_and(|i| i.require));
+        assert_eq!(d.effective_mtu(), 1472 - dp::ESP_OVERHEAD);
         assert!(!d.hub);
         assert!(!d.manage_kernel_routes);
         assert_eq!(d.addresses, vec!["10.42.0.2/24".parse::<IpNet>().unwrap()]);

@@ -101,6 +101,231 @@ pub struct Config {
     pub redirect_rate_limit_secs: u32,
     pub mtu: Option<u16>,
     pub nhs: Vec<NhsConfig>,
+    pub ipsec: IpsecConfig,
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes redacted>", self.0.len())
+    }
+}
+
+/// How IKE authenticates the peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpsecAuth {
+    /// One pre-shared key for every peer of the network.
+    Psk(Secret),
+    /// X.509: the CA certificate peers must chain to, our certificate and its private key
+    /// (PEM files). The certificate's IP SAN is our IKE identity: the tunnel address.
+    Certificate {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+/// AEAD of IKE SAs and ESP SAs, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cipher {
+    Aes256Gcm,
+    ChaCha20Poly1305,
+}
+
+/// Key exchange groups of IKE, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhGroup {
+    X25519,
+    P256,
+}
+
+/// Default IKE SA lifetime in seconds (rekeyed at 90 %).
+pub const DEFAULT_IKE_LIFETIME: u32 = 4 * 3600;
+/// Default CHILD SA lifetime in seconds (rekeyed at 90 %).
+pub const DEFAULT_CHILD_LIFETIME: u32 = 3600;
+/// Default liveness check interval in seconds.
+pub const DEFAULT_DPD_INTERVAL: u32 = 30;
+
+/// `[ipsec]`: IKEv2 + ESP for every tunnel packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpsecConfig {
+    pub enabled: bool,
+    /// `None` only when disabled.
+    pub auth: Option<IpsecAuth>,
+    pub ciphers: Vec<Cipher>,
+    pub dh_groups: Vec<DhGroup>,
+    pub ike_lifetime_secs: u32,
+    pub child_lifetime_secs: u32,
+    /// Always use ESP-in-UDP on port 4500, even without NAT.
+    pub force_udp_encap: bool,
+    /// Liveness check after this much silence; 0 turns it off.
+    pub dpd_interval_secs: u32,
+}
+
+impl IpsecConfig {
+    fn disabled() -> IpsecConfig {
+        IpsecConfig {
+            enabled: false,
+            auth: None,
+            ciphers: vec![Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305],
+            dh_groups: vec![DhGroup::X25519, DhGroup::P256],
+            ike_lifetime_secs: DEFAULT_IKE_LIFETIME,
+            child_lifetime_secs: DEFAULT_CHILD_LIFETIME,
+            force_udp_encap: false,
+            dpd_interval_secs: DEFAULT_DPD_INTERVAL,
+        }
+    }
+}
+
+/// `[ipsec]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIpsec {
+    pub enabled: Option<bool>,
+    pub auth: Option<String>,
+    pub psk: Option<String>,
+    pub psk_file: Option<String>,
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub proposals: Option<Vec<String>>,
+    pub ike_lifetime: Option<i64>,
+    pub child_lifetime: Option<i64>,
+    pub force_udp_encap: Option<bool>,
+    pub dpd_interval: Option<i64>,
+}
+
+/// Smallest PSK accepted: shorter keys are guessable offline from one captured exchange.
+pub const MIN_PSK_LEN: usize = 16;
+
+impl RawIpsec {
+    fn validate(self, ctx: &Ctx<'_>) -> Result<IpsecConfig, ConfigError> {
+        let mut c = IpsecConfig::disabled();
+        c.enabled = self.enabled.unwrap_or(true);
+        if !c.enabled {
+            return Ok(c);
+        }
+        let path = |field: &str, v: Option<String>| -> Result<PathBuf, ConfigError> {
+            match v {
+                Some(p) if !p.trim().is_empty() => Ok(PathBuf::from(p)),
+                Some(_) => Err(ctx.err(format!("ipsec.{field}"), "is empty; give a file path")),
+                None => Err(ctx.err(
+                    format!("ipsec.{field}"),
+                    "missing: auth = \"certificate\" needs ca, cert and key (PEM files; create them with `dmvpn-agent cert ca` and `dmvpn-agent cert issue`)",
+                )),
+            }
+        };
+        let auth = match self.auth.as_deref() {
+            None | Some("psk") => {
+                let psk = match (self.psk, self.psk_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(ctx.err(
+                            "ipsec.psk",
+                            "both psk and psk_file are set; keep exactly one",
+                        ));
+                    }
+                    (Some(p), None) => p.into_bytes(),
+                    (None, Some(f)) => {
+                        let text = std::fs::read_to_string(&f).map_err(|e| {
+                            ctx.err("ipsec.psk_file", format!("cannot read {f}: {e}"))
+                        })?;
+                        text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()
+                    }
+                    (None, None) => {
+                        return Err(ctx.err(
+                            "ipsec",
+                            "IPsec is on by default and needs credentials: set psk (or psk_file) under [ipsec], or auth = \"certificate\" with ca, cert and key; enabled = false sends GRE in clear",
+                        ));
+                    }
+                };
+                if psk.len() < MIN_PSK_LEN {
+                    return Err(ctx.err(
+                        "ipsec.psk",
+                        format!(
+                            "is {} bytes long; use at least {MIN_PSK_LEN} random bytes (e.g. `openssl rand -base64 24`)",
+                            psk.len()
+                        ),
+                    ));
+                }
+                IpsecAuth::Psk(Secret(psk))
+            }
+            Some("certificate") => {
+                if self.psk.is_some() || self.psk_file.is_some() {
+                    return Err(ctx.err(
+                        "ipsec.psk",
+                        "is set although auth = \"certificate\"; remove it",
+                    ));
+                }
+                IpsecAuth::Certificate {
+                    ca: path("ca", self.ca)?,
+                    cert: path("cert", self.cert)?,
+                    key: path("key", self.key)?,
+                }
+            }
+            Some(other) => {
+                return Err(ctx.err(
+                    "ipsec.auth",
+                    format!(
+                        "{other:?} is not an authentication method: use \"psk\" or \"certificate\""
+                    ),
+                ));
+            }
+        };
+        c.auth = Some(auth);
+        if let Some(list) = self.proposals {
+            let (mut ciphers, mut groups) = (Vec::new(), Vec::new());
+            for (i, p) in list.iter().enumerate() {
+                match p.as_str() {
+                    "aes256gcm" => ciphers.push(Cipher::Aes256Gcm),
+                    "chacha20poly1305" => ciphers.push(Cipher::ChaCha20Poly1305),
+                    "x25519" => groups.push(DhGroup::X25519),
+                    "p256" => groups.push(DhGroup::P256),
+                    other => {
+                        return Err(ctx.err(
+                            format!("ipsec.proposals[{i}]"),
+                            format!("{other:?} is not supported: use aes256gcm, chacha20poly1305 (encryption) and x25519, p256 (key exchange)"),
+                        ));
+                    }
+                }
+            }
+            ciphers.dedup();
+            groups.dedup();
+            if !ciphers.is_empty() {
+                c.ciphers = ciphers;
+            }
+            if !groups.is_empty() {
+                c.dh_groups = groups;
+            }
+        }
+        if let Some(v) = self.ike_lifetime {
+            c.ike_lifetime_secs =
+                in_range(ctx, "ipsec.ike_lifetime", v, 300, 86400, " seconds")? as u32;
+        }
+        if let Some(v) = self.child_lifetime {
+            c.child_lifetime_secs =
+                in_range(ctx, "ipsec.child_lifetime", v, 60, 86400, " seconds")? as u32;
+        }
+        if c.child_lifetime_secs > c.ike_lifetime_secs {
+            return Err(ctx.err(
+                "ipsec.child_lifetime",
+                format!(
+                    "{} s is longer than ike_lifetime {} s; CHILD SAs are rekeyed within their IKE SA",
+                    c.child_lifetime_secs, c.ike_lifetime_secs
+                ),
+            ));
+        }
+        c.force_udp_encap = self.force_udp_encap.unwrap_or(false);
+        if let Some(v) = self.dpd_interval {
+            c.dpd_interval_secs =
+                in_range(ctx, "ipsec.dpd_interval", v, 0, 3600, " seconds (0 = off)")? as u32;
+        }
+        Ok(c)
+    }
 }
 
 impl Config {
@@ -146,6 +371,7 @@ pub struct RawConfig {
     pub redirect_rate_limit_secs: Option<i64>,
     pub mtu: Option<i64>,
     pub nhs: Option<Vec<RawNhs>>,
+    pub ipsec: Option<RawIpsec>,
 }
 
 /// Why a configuration was rejected.
@@ -708,6 +934,8 @@ impl RawConfig {
             overlay_routes.push(p);
         }
 
+        let ipsec = self.ipsec.unwrap_or_default().validate(&ctx)?;
+
         Ok(Config {
             role,
             tunnel_address,
@@ -726,6 +954,7 @@ impl RawConfig {
             redirect_rate_limit_secs,
             mtu,
             nhs,
+            ipsec,
         })
     }
 }
@@ -777,6 +1006,7 @@ registration_unique = false
 control_socket = "/run/dmvpn/agent.sock"
 dataplane = "userspace"
 tun_name = "dmvpn0"
+ipsec = { psk = "a-test-key-of-24-bytes!!" }
 
 [[nhs]]
 tunnel_address = "10.42.0.1"
@@ -838,10 +1068,23 @@ priority = 0
     #[test]
     fn defaults() {
         let c = parse(
-            "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_interface = \"eth0\"\n",
+            "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_interface = \"eth0\"\n[ipsec]\npsk = \"0123456789abcdef\"\n",
             "test.toml",
         )
         .unwrap();
+        assert!(c.ipsec.enabled);
+        assert_eq!(
+            c.ipsec.auth,
+            Some(IpsecAuth::Psk(Secret(b"0123456789abcdef".to_vec())))
+        );
+        assert_eq!(
+            c.ipsec.ciphers,
+            vec![Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305]
+        );
+        assert_eq!(c.ipsec.dh_groups, vec![DhGroup::X25519, DhGroup::P256]);
+        assert_eq!(c.ipsec.child_lifetime_secs, DEFAULT_CHILD_LIFETIME);
+        assert_eq!(c.ipsec.dpd_interval_secs, DEFAULT_DPD_INTERVAL);
+        assert!(!c.ipsec.force_udp_encap);
         assert_eq!(c.holdtime, DEFAULT_HOLDTIME);
         assert_eq!(c.phase, Phase::THREE);
         assert_eq!(c.gre_key, None);
@@ -1080,8 +1323,9 @@ priority = 0
 
     #[test]
     fn hub_overlay_routes_without_nhs() {
-        let text = "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\noverlay_routes = [\"10.100.0.0/16\"]\n";
+        let text = "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\noverlay_routes = [\"10.100.0.0/16\"]\n[ipsec]\nenabled = false\n";
         let c = parse(text, "test.toml").unwrap();
+        assert!(!c.ipsec.enabled);
         assert_eq!(
             c.overlay_routes,
             vec!["10.100.0.0/16".parse::<IpNet>().unwrap()]
@@ -1179,5 +1423,75 @@ priority = 0
         // presence is what matters here, the address only when it is up.
         assert!(interface_address("lo", true).is_ok());
         assert!(interface_address("no-such-if0", true).is_err());
+    }
+
+    const HUB: &str =
+        "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\n";
+
+    #[test]
+    fn ipsec_needs_credentials_by_default() {
+        let e = err_of(HUB);
+        assert_field(&e, "ipsec", "psk");
+        let e = err_of(&format!("{HUB}[ipsec]\npsk = \"short\"\n"));
+        assert_field(&e, "ipsec.psk", "at least 16");
+        let e = err_of(&format!(
+            "{HUB}[ipsec]\npsk = \"0123456789abcdef\"\npsk_file = \"/x\"\n"
+        ));
+        assert_field(&e, "ipsec.psk", "exactly one");
+        let e = err_of(&format!("{HUB}[ipsec]\npsk_file = \"/nonexistent/psk\"\n"));
+        assert_field(&e, "ipsec.psk_file", "/nonexistent/psk");
+        let e = err_of(&format!("{HUB}[ipsec]\nauth = \"rsa\"\n"));
+        assert_field(&e, "ipsec.auth", "\"psk\" or \"certificate\"");
+        let e = err_of(&format!(
+            "{HUB}[ipsec]\nauth = \"certificate\"\nca = \"/a\"\ncert = \"/b\"\n"
+        ));
+        assert_field(&e, "ipsec.key", "dmvpn-agent cert");
+        let e = err_of(&format!("{HUB}[ipsec]\nbogus = 1\n"));
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn ipsec_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("psk");
+        std::fs::write(&f, "0123456789abcdefXYZ\n").unwrap();
+        let c = parse(
+            &format!(
+                "{HUB}[ipsec]\npsk_file = \"{}\"\nproposals = [\"chacha20poly1305\", \"p256\"]\nike_lifetime = 3600\nchild_lifetime = 600\nforce_udp_encap = true\ndpd_interval = 0\n",
+                f.display()
+            ),
+            "test.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.ipsec.auth,
+            Some(IpsecAuth::Psk(Secret(b"0123456789abcdefXYZ".to_vec())))
+        );
+        assert_eq!(c.ipsec.ciphers, vec![Cipher::ChaCha20Poly1305]);
+        assert_eq!(c.ipsec.dh_groups, vec![DhGroup::P256]);
+        assert_eq!(
+            (c.ipsec.ike_lifetime_secs, c.ipsec.child_lifetime_secs),
+            (3600, 600)
+        );
+        assert!(c.ipsec.force_udp_encap);
+        assert_eq!(c.ipsec.dpd_interval_secs, 0);
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "the key is redacted"
+        );
+        let c = parse(
+            &format!("{HUB}[ipsec]\nauth = \"certificate\"\nca = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\nkey = \"/c/n.key\"\n"),
+            "test.toml",
+        )
+        .unwrap();
+        assert!(matches!(c.ipsec.auth, Some(IpsecAuth::Certificate { .. })));
+        let e = err_of(&format!(
+            "{HUB}[ipsec]\npsk = \"0123456789abcdef\"\nproposals = [\"aes128cbc\"]\n"
+        ));
+        assert_field(&e, "ipsec.proposals[0]", "aes256gcm");
+        let e = err_of(&format!(
+            "{HUB}[ipsec]\npsk = \"0123456789abcdef\"\nike_lifetime = 600\nchild_lifetime = 900\n"
+        ));
+        assert_field(&e, "ipsec.child_lifetime", "ike_lifetime");
     }
 }

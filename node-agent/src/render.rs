@@ -127,9 +127,15 @@ pub fn dmvpn(v: &DmvpnView) -> String {
         ("UpDn Tm", false),
         ("Attrb", false),
         ("Expires", false),
+        ("IKE", false),
         ("Prefixes", false),
     ]);
     for p in &v.peers {
+        let ike = match (&p.ike_state, &p.ike_error) {
+            (None, _) => "-".to_owned(),
+            (Some(s), Some(e)) if s != "established" => format!("{} ({e})", s.to_uppercase()),
+            (Some(s), _) => s.to_uppercase(),
+        };
         let prefixes: Vec<String> = p.prefixes.iter().map(ToString::to_string).collect();
         t.row(vec![
             p.prefixes.len().max(1).to_string(),
@@ -139,6 +145,7 @@ pub fn dmvpn(v: &DmvpnView) -> String {
             opt_duration(p.state_secs),
             p.attributes.clone(),
             p.expires_in_secs.map_or_else(|| "-".to_owned(), duration),
+            ike,
             if prefixes.is_empty() {
                 "-".to_owned()
             } else {
@@ -157,6 +164,72 @@ pub fn dmvpn(v: &DmvpnView) -> String {
         "\nTraffic: tx {} packets / {} bytes, rx {} packets / {} bytes, dropped {} packets",
         tr.tx_packets, tr.tx_bytes, tr.rx_packets, tr.rx_bytes, tr.dropped_packets
     );
+    if let Some(ip) = &v.ipsec {
+        let _ = writeln!(
+            out,
+            "\nIPsec: auth {}, identity {}{}",
+            ip.auth,
+            ip.identity,
+            if ip.force_udp_encap {
+                ", UDP encapsulation forced"
+            } else {
+                ""
+            }
+        );
+        let mut t = Table::new(&[
+            ("Peer NBMA Addr", false),
+            ("IKE", false),
+            ("Since", false),
+            ("Identity", false),
+            ("NAT", false),
+            ("SAs", true),
+            ("Setup ms", true),
+            ("Last error", false),
+        ]);
+        for p in &ip.peers {
+            t.row(vec![
+                p.nbma_address.to_string(),
+                p.state.to_uppercase(),
+                duration(p.state_secs),
+                p.identity.clone().unwrap_or_else(|| "-".into()),
+                if p.nat { "yes" } else { "no" }.into(),
+                p.child_sas.to_string(),
+                opt(p.established_ms),
+                p.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        if ip.peers.is_empty() {
+            out.push_str("No IKE peers.\n");
+        } else {
+            t.render(&mut out);
+        }
+        let mut t = Table::new(&[
+            ("Peer NBMA Addr", false),
+            ("Dir", false),
+            ("SPI", false),
+            ("Suite", false),
+            ("Encap", false),
+            ("Packets", true),
+            ("Bytes", true),
+            ("Dropped", true),
+        ]);
+        for sa in &ip.sas {
+            t.row(vec![
+                sa.peer.to_string(),
+                sa.direction.clone(),
+                format!("{:#010x}", sa.spi),
+                sa.suite.clone(),
+                if sa.udp_encap { "udp-4500" } else { "esp" }.into(),
+                sa.packets.to_string(),
+                sa.bytes.to_string(),
+                sa.dropped.to_string(),
+            ]);
+        }
+        if !ip.sas.is_empty() {
+            out.push('\n');
+            t.render(&mut out);
+        }
+    }
     out
 }
 
@@ -336,6 +409,8 @@ mod tests {
                     attributes: "S".into(),
                     prefixes: vec![],
                     expires_in_secs: None,
+                    ike_state: Some("established".into()),
+                    ike_error: None,
                 },
                 PeerView {
                     tunnel_address: ip("10.42.0.3"),
@@ -345,6 +420,8 @@ mod tests {
                     attributes: "T".into(),
                     prefixes: vec![net("10.1.3.0/24"), net("10.42.0.3/32")],
                     expires_in_secs: Some(595),
+                    ike_state: Some("failed".into()),
+                    ike_error: Some("AUTHENTICATION_FAILED".into()),
                 },
             ],
             traffic: TrafficView {
@@ -354,6 +431,7 @@ mod tests {
                 rx_bytes: 900,
                 dropped_packets: 1,
             },
+            ipsec: None,
         }
     }
 

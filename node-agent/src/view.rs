@@ -25,6 +25,9 @@ pub struct DmvpnView {
     pub peers: Vec<PeerView>,
     /// Data plane totals (per-peer counters are not kept by this data plane).
     pub traffic: TrafficView,
+    /// IKE and ESP state; absent when `[ipsec] enabled = false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec: Option<crate::ipsec::IpsecView>,
 }
 
 /// One tunnel peer: a configured NHS, a registered spoke (hub side) or a shortcut peer.
@@ -44,6 +47,13 @@ pub struct PeerView {
     pub prefixes: Vec<IpNet>,
     /// Seconds until the registration or shortcut expires (absent for a static NHS).
     pub expires_in_secs: Option<u64>,
+    /// IKE state with the peer's NBMA address ("connecting", "established", "failed",
+    /// "down"); absent without IPsec or before any IKE exchange.
+    #[serde(default)]
+    pub ike_state: Option<String>,
+    /// Reason of the last IKE failure with the peer (e.g. AUTHENTICATION_FAILED).
+    #[serde(default)]
+    pub ike_error: Option<String>,
 }
 
 /// Data plane totals for `show dmvpn`.

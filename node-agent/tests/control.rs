@@ -33,8 +33,11 @@ fn dmvpn_view() -> DmvpnView {
             attributes: "D".into(),
             prefixes: vec!["10.1.2.0/24".parse().unwrap()],
             expires_in_secs: Some(597),
+            ike_state: Some("established".into()),
+            ike_error: None,
         }],
         traffic: TrafficView::default(),
+        ipsec: None,
     }
 }
 

@@ -191,6 +191,7 @@ gre_key = 42
 holdtime = 60
 nhrp_auth = "k8s"
 control_socket = "{}"
+ipsec = {{ psk = "smoke-test-pre-shared-key" }}
 "#,
             hub_sock.display()
         ),
@@ -208,6 +209,7 @@ nhrp_auth = "k8s"
 local_prefixes = ["10.1.2.0/24"]
 overlay_routes = ["10.1.0.0/16"]
 control_socket = "{}"
+ipsec = {{ psk = "smoke-test-pre-shared-key" }}
 
 [[nhs]]
 tunnel_address = "10.42.0.1"
@@ -352,7 +354,7 @@ nbma_address = "198.51.100.1"
 
 fn hub_config(sock: &Path) -> String {
     format!(
-        "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\ncontrol_socket = \"{}\"\n",
+        "role = \"hub\"\ntunnel_address = \"10.42.0.1/24\"\nnbma_address = \"198.51.100.1\"\ncontrol_socket = \"{}\"\nipsec = {{ psk = \"smoke-test-pre-shared-key\" }}\n",
         sock.display()
     )
 }
@@ -387,7 +389,7 @@ fn nbma_interface_address_appears_then_changes() {
         &spoke_ns,
         "spoke",
         &format!(
-            "role = \"spoke\"\ntunnel_address = \"10.42.0.2/24\"\nnbma_interface = \"ul1\"\ncontrol_socket = \"{}\"\n[[nhs]]\ntunnel_address = \"10.42.0.1\"\nnbma_address = \"198.51.100.1\"\n",
+            "role = \"spoke\"\ntunnel_address = \"10.42.0.2/24\"\nnbma_interface = \"ul1\"\ncontrol_socket = \"{}\"\nipsec = {{ psk = \"smoke-test-pre-shared-key\" }}\n[[nhs]]\ntunnel_address = \"10.42.0.1\"\nnbma_address = \"198.51.100.1\"\n",
             spoke_sock.display()
         ),
     );
