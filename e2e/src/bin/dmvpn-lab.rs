@@ -42,7 +42,7 @@ enum Cmd {
     },
     /// Build only the namespaces and links (no agents) and check the underlay with pings.
     Underlay {
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 3)]
         spokes: usize,
         #[arg(long, default_value_t = 1)]
         hubs: usize,
@@ -58,7 +58,7 @@ enum Cmd {
 #[derive(Args)]
 struct LabArgs {
     /// Number of spokes (each with a LAN behind it).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     spokes: usize,
     /// Number of hubs (1 or 2; spokes register with every hub).
     #[arg(long, default_value_t = 1)]
