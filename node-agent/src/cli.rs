@@ -63,6 +63,73 @@ pub enum TopCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Certificates for IKE in standalone mode: a CA, and node certificates that carry the
+    /// node's tunnel address.
+    Cert {
+        #[command(subcommand)]
+        what: CertCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CertCommand {
+    /// Create an ECDSA P-256 CA: DIR/ca.pem and DIR/ca.key.
+    Ca {
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Common name of the CA.
+        #[arg(long, default_value = "kube-dmvpn CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::pki::DEFAULT_CA_DAYS)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate: OUT/NAME.pem, OUT/NAME.key and OUT/ca.pem; prints the
+    /// `[ipsec]` section that uses them.
+    Issue {
+        /// Directory of the CA (ca.pem and ca.key, from `cert ca`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The node's tunnel address (its IKE identity; peers check NHRP claims against it).
+        #[arg(long, value_name = "IP")]
+        tunnel_address: std::net::IpAddr,
+        /// Node name (certificate CN and DNS name, file names).
+        #[arg(long)]
+        name: String,
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::pki::DEFAULT_NODE_DAYS)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Runs a `cert` command; returns the text to print.
+pub fn cert(cmd: &CertCommand) -> Result<String, crate::pki::PkiError> {
+    match cmd {
+        CertCommand::Ca {
+            out,
+            name,
+            days,
+            force,
+        } => crate::pki::cmd_ca(out, name, *days, *force),
+        CertCommand::Issue {
+            ca,
+            tunnel_address,
+            name,
+            out,
+            days,
+            force,
+        } => crate::pki::cmd_issue(ca, name, *tunnel_address, out, *days, *force),
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -68,5 +68,9 @@ fn main() -> ExitCode {
             Ok(s) => print(&s),
             Err(e) => fail(cli::client_exit_code(&e), e),
         },
+        TopCommand::Cert { what } => match cli::cert(&what) {
+            Ok(s) => print(&s),
+            Err(e) => fail(EXIT_ERROR, e),
+        },
     }
 }

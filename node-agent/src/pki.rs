@@ -8,7 +8,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -272,11 +272,6 @@ pub fn cmd_issue(
         cert.display(),
         key.display()
     ))
-}
-
-/// Lifetime helper for callers holding a `Duration`.
-pub fn days(d: Duration) -> u32 {
-    u32::try_from(d.as_secs().div_ceil(86_400)).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
