@@ -492,12 +492,20 @@ impl Agent {
 
     /// Sends IKE's datagrams and applies its SA changes to the data plane.
     async fn pump_ike(&mut self) {
-        let Some(ike) = self.ike.as_mut() else {
-            return;
-        };
-        let changes = ike.drain(Instant::now());
-        for c in changes {
-            self.apply_sa(c).await;
+        loop {
+            let Some(ike) = self.ike.as_mut() else {
+                return;
+            };
+            let changes = ike.events(Instant::now());
+            let idle = changes.is_empty();
+            for c in changes {
+                self.apply_sa(c).await;
+            }
+            // Only now: SAs are installed before the messages that complete them leave.
+            let sent = self.ike.as_mut().map_or(0, Ike::send);
+            if idle && sent == 0 {
+                return;
+            }
         }
     }
 
@@ -874,7 +882,8 @@ impl Agent {
             // The purges went out through the SAs; now tell the peers the SAs are gone.
             if let Some(ike) = self.ike.as_mut() {
                 ike.delete_all(Instant::now());
-                let _ = ike.drain(Instant::now());
+                let _ = ike.events(Instant::now());
+                ike.send();
             }
             if let Some(p) = &self.plane {
                 let ifindex = p.dp.ifindex();

@@ -410,33 +410,34 @@ impl Ike {
         }
     }
 
-    /// Sends what the endpoint wants sent and turns its events into data plane changes.
-    pub fn drain(&mut self, now: Instant) -> Vec<SaChange> {
+    /// Turns the endpoint's events into data plane changes. Call [`Ike::send`] after
+    /// applying them: a responder's CHILD SA must be installed before its IKE_AUTH
+    /// response leaves, or the initiator's first ESP packets arrive before it.
+    pub fn events(&mut self, now: Instant) -> Vec<SaChange> {
         let mut out = Vec::new();
-        loop {
-            let mut progressed = false;
-            while let Some(t) = self.ep.poll_transmit() {
-                progressed = true;
-                let r = if t.src.port() == NAT_T_PORT {
-                    self.sock4500.send_to(&t.payload, t.dst)
-                } else {
-                    self.sock500.try_send_to(&t.payload, t.dst)
-                };
-                // A lost datagram is retransmitted by the endpoint.
-                if let Err(e) = r {
-                    self.send_errors += 1;
-                    tracing::debug!(dst = %t.dst, "IKE send failed: {e}");
-                }
-            }
-            while let Some(ev) = self.ep.poll_event() {
-                progressed = true;
-                self.on_event(now, ev, &mut out);
-            }
-            if !progressed {
-                break;
-            }
+        while let Some(ev) = self.ep.poll_event() {
+            self.on_event(now, ev, &mut out);
         }
         out
+    }
+
+    /// Sends what the endpoint wants sent; returns how many datagrams.
+    pub fn send(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(t) = self.ep.poll_transmit() {
+            n += 1;
+            let r = if t.src.port() == NAT_T_PORT {
+                self.sock4500.send_to(&t.payload, t.dst)
+            } else {
+                self.sock500.try_send_to(&t.payload, t.dst)
+            };
+            // A lost datagram is retransmitted by the endpoint.
+            if let Err(e) = r {
+                self.send_errors += 1;
+                tracing::debug!(dst = %t.dst, "IKE send failed: {e}");
+            }
+        }
+        n
     }
 
     fn on_event(&mut self, now: Instant, ev: Event, out: &mut Vec<SaChange>) {
@@ -475,6 +476,12 @@ impl Ike {
             }
             Event::IkeSaRekeyed { peer } => tracing::info!(%peer, "IKE SA rekeyed"),
             Event::IkeSaDown { peer } => {
+                // Its CHILD SAs were reported down one by one. Another IKE SA with the peer
+                // may live on (both ends initiated at once and the duplicate went away).
+                if self.ep.is_established(peer) {
+                    tracing::debug!(%peer, "duplicate IKE SA removed; another one is up");
+                    return;
+                }
                 tracing::info!(%peer, "IKE SA down");
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.set("down", now);

@@ -81,10 +81,17 @@ pub const NHRP_QUEUE_PER_PEER: usize = 16;
 /// Most peers with queued NHRP packets.
 pub const NHRP_QUEUE_PEERS: usize = 1024;
 
+/// Older outbound SAs kept per peer while newer ones are in use.
+const STANDBY_PER_PEER: usize = 4;
+
 /// The SA tables plus the NHRP wait queues.
 #[derive(Debug, Default)]
 pub(crate) struct SaTables {
     current: ArcSwap<SaSnapshot>,
+    /// Outbound SAs replaced by a newer one but not deleted yet (a rekey overlap, or two
+    /// IKE SAs negotiated at once), newest last. If the SA in use is deleted, the newest of
+    /// these takes over. Guarded by the writer lock's critical sections.
+    standby: Mutex<HashMap<Ipv4Addr, Vec<Arc<OutEntry>>>>,
     writer: Mutex<()>,
     queue: Mutex<HashMap<Ipv4Addr, VecDeque<Vec<u8>>>>,
 }
@@ -117,11 +124,12 @@ impl SaTables {
         })
     }
 
-    /// Installs (or replaces) the outbound SA of `peer`.
+    /// Installs the outbound SA of `peer`; the one it replaces is kept on standby until
+    /// it is removed.
     pub(crate) fn install_outbound(&self, peer: Ipv4Addr, sa: OutboundSa, wire: Wire) {
         let spi = sa.spi();
         self.update(|s| {
-            s.out.insert(
+            let old = s.out.insert(
                 peer,
                 Arc::new(OutEntry {
                     sa: Mutex::new(sa),
@@ -129,6 +137,14 @@ impl SaTables {
                     wire,
                 }),
             );
+            if let Some(old) = old {
+                let mut sb = lock(&self.standby);
+                let list = sb.entry(peer).or_default();
+                list.push(old);
+                if list.len() > STANDBY_PER_PEER {
+                    list.remove(0);
+                }
+            }
         });
     }
 
@@ -136,12 +152,28 @@ impl SaTables {
         self.update(|s| s.inb.remove(&spi).is_some())
     }
 
-    /// Removes `peer`'s outbound SA, only if it is `spi` when given (a rekeyed SA's
-    /// successor stays).
+    /// Removes `peer`'s outbound SA `spi` (every one with `None`). When it is the SA in
+    /// use, the newest one on standby takes over.
     pub(crate) fn remove_outbound(&self, peer: Ipv4Addr, spi: Option<u32>) -> bool {
-        self.update(|s| match s.out.get(&peer) {
-            Some(e) if spi.is_none_or(|x| x == e.spi) => s.out.remove(&peer).is_some(),
-            _ => false,
+        self.update(|s| {
+            let mut sb = lock(&self.standby);
+            let Some(spi) = spi else {
+                sb.remove(&peer);
+                return s.out.remove(&peer).is_some();
+            };
+            if s.out.get(&peer).is_some_and(|e| e.spi == spi) {
+                s.out.remove(&peer);
+                if let Some(next) = sb.get_mut(&peer).and_then(Vec::pop) {
+                    s.out.insert(peer, next);
+                }
+                return true;
+            }
+            let Some(list) = sb.get_mut(&peer) else {
+                return false;
+            };
+            let before = list.len();
+            list.retain(|e| e.spi != spi);
+            before != list.len()
         })
     }
 
@@ -149,6 +181,7 @@ impl SaTables {
     pub(crate) fn remove_peer(&self, peer: Ipv4Addr) -> usize {
         lock(&self.queue).remove(&peer);
         self.update(|s| {
+            lock(&self.standby).remove(&peer);
             let before = s.out.len() + s.inb.len();
             s.out.remove(&peer);
             s.inb.retain(|_, e| e.peer != peer);
@@ -217,5 +250,58 @@ impl SaTables {
         }
         v.sort_by(|a, b| (a.peer, &a.direction, a.spi).cmp(&(b.peer, &b.direction, b.spi)));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmvpn_esp::{SecurityAssociation, Suite};
+    use std::time::Instant;
+
+    fn out(spi: u32) -> OutboundSa {
+        SecurityAssociation::new(spi, Suite::Aes256Gcm, &[7u8; 36])
+            .unwrap()
+            .into_outbound(Instant::now())
+            .unwrap()
+    }
+
+    fn current(t: &SaTables, peer: Ipv4Addr) -> Option<u32> {
+        t.load().out.get(&peer).map(|e| e.spi)
+    }
+
+    #[test]
+    fn replaced_outbound_sa_takes_over_when_the_newer_one_is_deleted() {
+        let t = SaTables::default();
+        let p = Ipv4Addr::new(198, 51, 100, 3);
+        t.install_outbound(p, out(0x100), Wire::Raw(p));
+        t.install_outbound(p, out(0x200), Wire::Raw(p));
+        assert_eq!(current(&t, p), Some(0x200));
+        // Rekey: the old SA is deleted while the new one is in use.
+        assert!(t.remove_outbound(p, Some(0x100)));
+        assert_eq!(current(&t, p), Some(0x200));
+        // Two IKE SAs at once: the newer is deleted, the older one carries on.
+        t.install_outbound(p, out(0x300), Wire::Raw(p));
+        assert!(t.remove_outbound(p, Some(0x300)));
+        assert_eq!(current(&t, p), Some(0x200));
+        assert!(!t.remove_outbound(p, Some(0x999)));
+        assert!(t.remove_outbound(p, Some(0x200)));
+        assert_eq!(current(&t, p), None);
+    }
+
+    #[test]
+    fn nhrp_queue_is_bounded_per_peer() {
+        let t = SaTables::default();
+        let p = Ipv4Addr::new(198, 51, 100, 3);
+        for _ in 0..NHRP_QUEUE_PER_PEER {
+            assert!(t.enqueue(p, b"nhrp"));
+        }
+        assert!(!t.enqueue(p, b"nhrp"));
+        assert_eq!(t.queued(p), NHRP_QUEUE_PER_PEER);
+        assert_eq!(t.take_queue(p).len(), NHRP_QUEUE_PER_PEER);
+        assert_eq!(t.queued(p), 0);
+        assert!(t.enqueue(p, b"nhrp"));
+        assert_eq!(t.remove_peer(p), 0);
+        assert_eq!(t.queued(p), 0);
     }
 }
