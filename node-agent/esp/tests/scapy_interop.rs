@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::{hex, keymat};
+use dmvpn_esp::udp::{Udp4500, classify_udp_4500, parse_udp, write_udp_header};
 use dmvpn_esp::{InboundSa, Lifetime, OutboundSa, SecurityAssociation, Suite};
 
 const SPI: u32 = 0x0000_1001;
@@ -63,6 +64,8 @@ fn hexs(b: &[u8]) -> String {
 
 struct Job {
     line: String,
+    /// UDP-encapsulated on port 4500.
+    udp: bool,
     /// D: the payload scapy must return (None: scapy must reject it). E: the payload we must open.
     expect: Option<Vec<u8>>,
     suite: Suite,
@@ -109,6 +112,7 @@ fn scapy_decrypts_ours_and_we_decrypt_scapys() {
                         bad[mid] ^= 0x20;
                         jobs.push(Job {
                             line: format!("{line} {}", hexs(&bad)),
+                            udp: false,
                             expect: None,
                             suite,
                             esn,
@@ -118,6 +122,7 @@ fn scapy_decrypts_ours_and_we_decrypt_scapys() {
                     }
                     jobs.push(Job {
                         line: format!("{line} {}", hexs(&esp)),
+                        udp: false,
                         expect: Some(payload),
                         suite,
                         esn,
@@ -139,6 +144,7 @@ fn scapy_decrypts_ours_and_we_decrypt_scapys() {
                             seq,
                             hexs(&payload)
                         ),
+                        udp: false,
                         expect: Some(payload),
                         suite,
                         esn,
@@ -146,6 +152,44 @@ fn scapy_decrypts_ours_and_we_decrypt_scapys() {
                         nh,
                     });
                 }
+            }
+        }
+    }
+
+    // RFC 3948 UDP encapsulation, both directions. Next header 253 (experimental): scapy would
+    // otherwise re-dissect the payload as GRE.
+    for suite in Suite::ALL {
+        let km = hexs(&keymat(suite, 0x40));
+        let mut tx = sa(suite, true).into_outbound(now).unwrap();
+        for seq in [1u64, (1 << 32) + 7] {
+            tx.skip_to_seq(seq);
+            for len in [0usize, 3, 100] {
+                let payload: Vec<u8> = (0..len).map(|b| (b * 3) as u8).collect();
+                let seq = tx.next_seq();
+                let mut esp = Vec::new();
+                let n = tx.seal_to_vec(now, 253, &payload, &mut esp).unwrap();
+                let mut dgram = vec![0u8; 8];
+                write_udp_header(&mut dgram, 4500, 4500, n).unwrap();
+                dgram.extend_from_slice(&esp);
+                jobs.push(Job {
+                    line: format!("V {suite} 1 {SPI:x} {km} {seq:x} 0 {}", hexs(&dgram)),
+                    udp: true,
+                    expect: Some(payload.clone()),
+                    suite,
+                    esn: true,
+                    seq,
+                    nh: 253,
+                });
+                let seq = seq + len as u64 + 1000;
+                jobs.push(Job {
+                    line: format!("U {suite} 1 {SPI:x} {km} {seq:x} 47 {}", hexs(&payload)),
+                    udp: true,
+                    expect: Some(payload),
+                    suite,
+                    esn: true,
+                    seq,
+                    nh: 47,
+                });
             }
         }
     }
@@ -176,13 +220,15 @@ fn scapy_decrypts_ours_and_we_decrypt_scapys() {
     assert_eq!(lines.len(), jobs.len());
 
     let (mut decrypted, mut rejected, mut opened) = (0, 0, 0);
+    let (mut udp_decrypted, mut udp_opened) = (0, 0);
     for (job, line) in jobs.iter().zip(lines) {
         let f: Vec<&str> = line.split(' ').collect();
         match (f[0], &job.expect) {
             ("D", Some(payload)) => {
-                assert_eq!(f[1], "47", "scapy: {line} for {}", job.line);
+                assert_eq!(f[1], job.nh.to_string(), "scapy: {line} for {}", job.line);
                 assert_eq!(hex(&f[2].replace('-', "")), *payload, "{}", job.line);
                 decrypted += 1;
+                udp_decrypted += usize::from(job.udp);
             }
             ("D", None) => {
                 assert_eq!(
@@ -198,6 +244,15 @@ fn scapy_decrypts_ours_and_we_decrypt_scapys() {
                 let mut tx = params.into_outbound(now).unwrap();
                 advance(&mut rx, &mut tx, job.seq);
                 let mut esp = hex(f[1]);
+                if job.udp {
+                    let (h, inner) = parse_udp(&esp).unwrap();
+                    assert_eq!((h.src_port, h.dst_port, h.checksum), (4500, 4500, 0));
+                    let Ok(Udp4500::Esp(inner)) = classify_udp_4500(inner) else {
+                        panic!("scapy's datagram is not ESP-in-UDP: {}", f[1]);
+                    };
+                    esp = inner.to_vec();
+                    udp_opened += 1;
+                }
                 let o = rx
                     .open_in_place(now, &mut esp)
                     .unwrap_or_else(|e| panic!("{e} opening scapy's packet for {}", job.line));
@@ -210,8 +265,9 @@ fn scapy_decrypts_ours_and_we_decrypt_scapys() {
         }
     }
     eprintln!(
-        "scapy decrypted {decrypted} of our packets, rejected {rejected} tampered; we opened {opened} of scapy's"
+        "scapy decrypted {decrypted} of our packets ({udp_decrypted} in UDP), rejected {rejected} tampered; we opened {opened} of scapy's ({udp_opened} in UDP)"
     );
     assert_eq!(rejected, 3 * (3 + 4));
+    assert_eq!((udp_decrypted, udp_opened), (18, 18));
     assert!(decrypted > 100 && opened > 30);
 }
