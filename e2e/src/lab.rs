@@ -70,8 +70,14 @@ pub struct LabSpec {
     pub nhrp_auth: Option<String>,
     /// Spokes learn their NBMA address from `eth0` (`nbma_interface`) instead of a fixed one.
     pub spoke_nbma_interface: bool,
+    /// IKEv2 + ESP on every tunnel with this pre-shared key (the agent's default is IPsec
+    /// on); `None` writes `[ipsec] enabled = false` (GRE and NHRP in clear).
+    pub ipsec_psk: Option<String>,
     pub tweak: Option<ConfigTweak>,
 }
+
+/// The lab's default IPsec pre-shared key.
+pub const LAB_PSK: &str = "dmvpn-lab-pre-shared-key";
 
 impl LabSpec {
     pub fn new(agent: PathBuf) -> Self {
@@ -85,6 +91,7 @@ impl LabSpec {
             gre_key: 42,
             nhrp_auth: Some("dmvpn".into()),
             spoke_nbma_interface: false,
+            ipsec_psk: Some(LAB_PSK.into()),
             tweak: None,
         }
     }
@@ -488,6 +495,12 @@ impl Lab {
                 .collect::<Vec<_>>();
             t.insert("nhs".into(), toml::Value::Array(nhs));
         }
+        let mut ipsec = toml::Table::new();
+        match &s.ipsec_psk {
+            Some(psk) => ipsec.insert("psk".into(), str_v(psk)),
+            None => ipsec.insert("enabled".into(), toml::Value::Boolean(false)),
+        };
+        t.insert("ipsec".into(), toml::Value::Table(ipsec));
         if let Some(tweak) = &s.tweak {
             tweak(&node.info(), &mut t);
         }

@@ -75,6 +75,9 @@ struct LabArgs {
     /// NHRP holdtime in seconds given to every agent.
     #[arg(long, default_value_t = 30)]
     holdtime: u32,
+    /// Run the tunnels without IPsec (GRE and NHRP in clear on the underlay).
+    #[arg(long)]
+    no_ipsec: bool,
 }
 
 impl LabArgs {
@@ -86,6 +89,9 @@ impl LabArgs {
         spec.phase = self.phase;
         spec.pcap = self.pcap.clone();
         spec.holdtime = self.holdtime;
+        if self.no_ipsec {
+            spec.ipsec_psk = None;
+        }
         Ok(spec)
     }
 }
