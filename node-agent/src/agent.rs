@@ -36,6 +36,26 @@ const MAX_LOGGED_DROPS: usize = 1024;
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(5);
 /// Attempts to recreate the data plane after an NBMA change (the old TUN must vanish first).
 const RESTART_ATTEMPTS: u32 = 50;
+/// An inbound SA outlives its deletion this long: ESP the peer sent just before its delete
+/// reaches the receive task after the agent handled the delete (two sockets, two tasks).
+const INBOUND_GRACE: Duration = Duration::from_secs(2);
+/// How long a responder waits at most before sending with a new outbound SA, unless the
+/// peer's first packet on the paired inbound SA comes earlier (see `SaChange::Up`).
+const OUTBOUND_DELAY: Duration = Duration::from_millis(200);
+
+/// Queued NHRP packets go out this long after their peer's outbound SA is installed: the
+/// peer may still be processing the IKE message that completes the SA on its side, and its
+/// ESP receive task would drop what arrives before (two sockets, two tasks).
+const NHRP_FLUSH_DELAY: Duration = Duration::from_millis(30);
+
+/// An outbound SA waiting for the peer to use the paired inbound SA, or `OUTBOUND_DELAY`.
+struct PendingOut {
+    at: Instant,
+    spi_in: u32,
+    peer: IpAddr,
+    sa: dmvpn_esp::OutboundSa,
+    udp_port: Option<u16>,
+}
 
 /// SIGINT and SIGTERM.
 pub struct Signals {
@@ -283,6 +303,12 @@ struct Agent {
     nbma_warned: bool,
     /// IKE, when `[ipsec]` is enabled.
     ike: Option<Ike>,
+    /// Inbound SAs (SPI) to remove at the given time.
+    inbound_gc: Vec<(Instant, u32)>,
+    /// Outbound SAs to install at their time.
+    pending_out: Vec<PendingOut>,
+    /// Peers whose queued NHRP packets go out at the given time.
+    nhrp_flush: Vec<(Instant, IpAddr)>,
 }
 
 impl Agent {
@@ -313,6 +339,9 @@ impl Agent {
             logged_error_indications: HashSet::new(),
             nbma_warned: false,
             ike,
+            inbound_gc: Vec::new(),
+            pending_out: Vec::new(),
+            nhrp_flush: Vec::new(),
         };
         agent.program_static().await?;
         agent.pump().await;
@@ -362,7 +391,17 @@ impl Agent {
                     None => std::future::pending().await,
                 }
             };
-            let ike_deadline = self.ike.as_ref().and_then(Ike::poll_timeout);
+            let gc = self
+                .inbound_gc
+                .iter()
+                .map(|(t, _)| *t)
+                .chain(self.pending_out.iter().map(|p| p.at))
+                .chain(self.nhrp_flush.iter().map(|(t, _)| *t))
+                .min();
+            let ike_deadline = match (self.ike.as_ref().and_then(Ike::poll_timeout), gc) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let ike_timer = async {
                 match ike_deadline {
                     Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
@@ -400,9 +439,15 @@ impl Agent {
                     self.pump().await;
                 }
                 () = ike_timer => {
-                    if let Some(ike) = self.ike.as_mut() {
-                        ike.handle_timeout(Instant::now());
+                    let now = Instant::now();
+                    if let Some(ike) = self.ike.as_mut()
+                        && ike.poll_timeout().is_some_and(|t| t <= now)
+                    {
+                        ike.handle_timeout(now);
                     }
+                    self.collect_inbound(now);
+                    self.install_due(now, None).await;
+                    self.flush_due(now).await;
                     self.pump_ike().await;
                 }
                 r = ike_rx => match r {
@@ -433,6 +478,10 @@ impl Agent {
                     return;
                 }
                 self.engine.handle_packet(now, from_nbma, &bytes);
+            }
+            dp::Event::SaActive { spi } => {
+                self.install_due(now, Some(spi)).await;
+                return;
             }
             dp::Event::NeedSa { nbma } => {
                 if let Some(ike) = self.ike.as_mut() {
@@ -517,6 +566,7 @@ impl Agent {
                 peer,
                 keys,
                 lifetime,
+                use_now,
             } => {
                 // The ESP SA outlives IKE's rekey point (90 %) a little, so a rekey that
                 // comes late does not cut traffic; IKE deletes it when replaced.
@@ -545,19 +595,17 @@ impl Agent {
                     tracing::warn!(%peer, "installing the inbound SA: {e}");
                     return;
                 }
-                match p
-                    .dp
-                    .install_outbound(peer, out, keys.udp_encap.map(|(_, remote)| remote))
-                    .await
-                {
-                    Ok(n) if n > 0 => {
-                        tracing::debug!(%peer, queued = n, "sent the NHRP packets that waited for the SA")
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.counters.sa_install_errors += 1;
-                        tracing::warn!(%peer, "installing the outbound SA: {e}");
-                    }
+                let udp_port = keys.udp_encap.map(|(_, remote)| remote);
+                if use_now {
+                    self.install_outbound(peer, out, udp_port).await;
+                } else {
+                    self.pending_out.push(PendingOut {
+                        at: now + OUTBOUND_DELAY,
+                        spi_in: keys.spi_in,
+                        peer,
+                        sa: out,
+                        udp_port,
+                    });
                 }
             }
             SaChange::Down {
@@ -565,13 +613,82 @@ impl Agent {
                 spi_in,
                 spi_out,
             } => {
-                p.dp.remove_inbound(spi_in);
+                self.pending_out.retain(|o| o.sa.spi() != spi_out);
                 p.dp.remove_outbound(peer, Some(spi_out));
+                self.inbound_gc.push((now + INBOUND_GRACE, spi_in));
             }
             SaChange::PeerDown { peer } => {
+                self.pending_out.retain(|o| o.peer != peer);
                 p.dp.remove_peer_sas(peer);
             }
         }
+    }
+
+    /// Installs the delayed outbound SAs whose time has come, or whose inbound half
+    /// `active` the peer has started to use.
+    async fn install_due(&mut self, now: Instant, active: Option<u32>) {
+        let (due, rest): (Vec<PendingOut>, Vec<PendingOut>) = std::mem::take(&mut self.pending_out)
+            .into_iter()
+            .partition(|o| o.at <= now || Some(o.spi_in) == active);
+        self.pending_out = rest;
+        for o in due {
+            self.install_outbound(o.peer, o.sa, o.udp_port).await;
+        }
+    }
+
+    /// Installs an outbound SA; the NHRP packets that waited for it go out now.
+    async fn install_outbound(
+        &mut self,
+        peer: IpAddr,
+        out: dmvpn_esp::OutboundSa,
+        udp_port: Option<u16>,
+    ) {
+        let Some(p) = &self.plane else { return };
+        match p.dp.install_outbound(peer, out, udp_port) {
+            Ok(()) => self
+                .nhrp_flush
+                .push((Instant::now() + NHRP_FLUSH_DELAY, peer)),
+            Err(e) => {
+                self.counters.sa_install_errors += 1;
+                tracing::warn!(%peer, "installing the outbound SA: {e}");
+            }
+        }
+    }
+
+    /// Sends the NHRP packets that waited for an SA, once their delay has passed.
+    async fn flush_due(&mut self, now: Instant) {
+        let Some(p) = &self.plane else { return };
+        let mut due = Vec::new();
+        self.nhrp_flush.retain(|(t, peer)| {
+            if *t <= now {
+                due.push(*peer);
+                false
+            } else {
+                true
+            }
+        });
+        for peer in due {
+            match p.dp.flush_nhrp(peer).await {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(%peer, queued = n, "sent the NHRP packets that waited for the SA")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%peer, "sending queued NHRP: {e}"),
+            }
+        }
+    }
+
+    /// Removes the inbound SAs whose grace time has passed.
+    fn collect_inbound(&mut self, now: Instant) {
+        let Some(p) = &self.plane else { return };
+        self.inbound_gc.retain(|(t, spi)| {
+            if *t <= now {
+                p.dp.remove_inbound(*spi);
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// Whether a route needs its own kernel route into the TUN: not when the tunnel

@@ -83,10 +83,15 @@ pub struct FailureCount {
 #[derive(Debug)]
 pub enum SaChange {
     /// A new CHILD SA: install inbound first, then outbound (a rekey overlaps the old one).
+    /// `use_now`: we initiated the negotiation, so the peer has the SA already; otherwise
+    /// the peer installs it only when our response arrives, and ESP sent at once could
+    /// overtake that response (two sockets, two tasks on its side): the caller waits a
+    /// moment before it sends with the new outbound SA.
     Up {
         peer: IpAddr,
         keys: Box<ChildSaKeys>,
         lifetime: Duration,
+        use_now: bool,
     },
     /// A CHILD SA ended: remove its inbound SA, and the outbound one if it is still `spi_out`.
     Down {
@@ -349,13 +354,18 @@ impl Ike {
         if p.retry_at.is_some_and(|t| now < t) {
             return;
         }
-        // Endpoint::initiate is idempotent while a negotiation runs; keep its start time.
-        if p.started.is_none() || p.state != "connecting" {
-            p.started = Some(now);
-        }
         p.set("connecting", now);
-        if let Err(e) = self.ep.initiate(now, peer) {
-            tracing::warn!(%peer, "cannot start IKE: {e}");
+        // Endpoint::initiate does nothing while any negotiation with the peer runs (also
+        // one the peer started): only a new IKE SA makes us the initiator.
+        let before = self.ep.ike_sa_count();
+        match self.ep.initiate(now, peer) {
+            Ok(()) if self.ep.ike_sa_count() > before => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.started = Some(now);
+                }
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(%peer, "cannot start IKE: {e}"),
         }
     }
 
@@ -514,9 +524,10 @@ impl Ike {
                 p.set("established", now);
                 p.retry_at = None;
                 p.backoff = MIN_BACKOFF;
-                if p.established_ms.is_none()
-                    && let Some(t) = p.started.take()
-                {
+                // Only the IKE_AUTH CHILD SA of a negotiation we started finds `started`
+                // set; a rekey or a negotiation the peer started does not.
+                let initiated = rekeys.is_none() && p.started.is_some();
+                if let Some(t) = p.started.take() {
                     p.established_ms = Some(
                         u64::try_from(now.saturating_duration_since(t).as_millis())
                             .unwrap_or(u64::MAX),
@@ -526,6 +537,7 @@ impl Ike {
                     peer,
                     keys: Box::new(keys),
                     lifetime,
+                    use_now: initiated,
                 });
             }
             Event::ChildSaDown {

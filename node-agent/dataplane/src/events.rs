@@ -61,6 +61,9 @@ pub enum Event {
     /// dropped or an NHRP packet queued. The agent starts IKE. At most one per peer per
     /// dedupe window from the packet path.
     NeedSa { nbma: IpAddr },
+    /// The first packet authenticated on the inbound SA `spi`: the peer uses it, so it has
+    /// the SA's keys (a responder may start sending on the paired outbound SA).
+    SaActive { spi: u32 },
     /// An IKE datagram (non-ESP marker included) arrived on the UDP 4500 socket that the
     /// data plane shares with the agent's IKE endpoint.
     Ike {

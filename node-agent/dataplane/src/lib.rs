@@ -37,6 +37,7 @@
 //!         Event::Hairpin { src, dst, ingress_nbma, head } => { /* engine.hairpinned(..) */ }
 //!         // With IPsec (`cfg.ipsec`): start IKE with the peer; feed IKE from UDP 4500.
 //!         Event::NeedSa { nbma } => { /* ike.initiate(now, nbma) */ }
+//!         Event::SaActive { spi } => { /* the peer has this SA: use its outbound half */ }
 //!         Event::Ike { from, local, payload } => { /* ike.handle_datagram(..) */ }
 //!     }
 //! }

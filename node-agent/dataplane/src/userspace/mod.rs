@@ -551,14 +551,14 @@ impl UserspaceDataPlane {
     }
 
     /// Installs (or replaces) the outbound SA of `peer`; `udp_port` is the peer's ESP-in-UDP
-    /// port when NAT traversal is in use. NHRP packets queued for the peer are sent now;
-    /// returns how many.
-    pub async fn install_outbound(
+    /// port when NAT traversal is in use. NHRP packets queued for the peer stay queued until
+    /// [`Self::flush_nhrp`]: the caller gives the peer a moment to install its inbound half.
+    pub fn install_outbound(
         &self,
         peer: IpAddr,
         sa: OutboundSa,
         udp_port: Option<u16>,
-    ) -> Result<usize, DataPlaneError> {
+    ) -> Result<(), DataPlaneError> {
         let peer4 = v4_only(peer)?;
         let ip = self.ipsec()?;
         let wire = match udp_port {
@@ -571,15 +571,23 @@ impl UserspaceDataPlane {
             None => Wire::Raw(peer4),
         };
         ip.sas.install_outbound(peer4, sa, wire);
+        Ok(())
+    }
+
+    /// Sends the NHRP packets queued for `peer` (through its SA, or queued again if it has
+    /// none); returns how many were taken from the queue.
+    pub async fn flush_nhrp(&self, peer: IpAddr) -> Result<usize, DataPlaneError> {
+        let peer4 = v4_only(peer)?;
+        let ip = self.ipsec()?;
         let queued = ip.sas.take_queue(peer4);
         let n = queued.len();
-        for bytes in queued {
-            self.send_nhrp_impl(peer, &bytes).await?;
-        }
         if n > 0 {
             let mut b = Batch::default();
             b.add(Field::NhrpDequeued, n as u64);
             self.shared.counters.flush(&mut b);
+        }
+        for bytes in queued {
+            self.send_nhrp_impl(peer, &bytes).await?;
         }
         Ok(n)
     }
@@ -1051,6 +1059,9 @@ fn open_esp<'a>(
     match sa.open_in_place(now, pkt) {
         Ok(o) if o.next_header == dmvpn_esp::NEXT_HEADER_GRE => {
             st.batch.add(Field::EspRx, 1);
+            if sa.counters().packets == 1 {
+                st.emit(Event::SaActive { spi });
+            }
             Some((start + o.payload.start, start + o.payload.end, entry.peer))
         }
         // A dummy packet (RFC 4303 §2.6): discard silently.
