@@ -40,6 +40,13 @@ pub struct Report {
     pub burst_received: u32,
     pub purged: bool,
     pub purge_ms: Option<u64>,
+    /// IPsec: time to establish the spoke1-spoke2 SA (from the initiator's first IKE_SA_INIT
+    /// to its CHILD SA), as the initiating spoke reports it in `show dmvpn`.
+    pub ike_ms: Option<u64>,
+    /// IPsec with `--pcap`: ESP packets on the underlay, and IPv4 packets from the NBMA
+    /// network that were neither IKE (UDP 500/4500) nor ESP after the first IKE packet.
+    pub underlay_esp_packets: Option<u64>,
+    pub underlay_clear_packets: Option<u64>,
     /// Names and messages of the checks that failed.
     pub failures: Vec<String>,
     /// Checks that passed, in order.
@@ -67,6 +74,87 @@ impl Report {
         }
         ok
     }
+}
+
+/// `established_ms` of the IKE peer `nbma` in a spoke's `show dmvpn`.
+fn established_ms(lab: &Lab, spoke: usize, nbma: Ipv4Addr) -> Option<u64> {
+    let d = lab.spoke(spoke).control("show_dmvpn").ok()?;
+    d.pointer("/ipsec/peers")?
+        .as_array()?
+        .iter()
+        .find(|p| p["nbma_address"] == nbma.to_string())
+        .and_then(|p| p["established_ms"].as_u64())
+}
+
+/// The spoke-to-spoke SA is up; its set-up time is `ike_ms`.
+fn ike_check(lab: &Lab, r: &mut Report) {
+    let (n1, n2) = (lab.spoke(1).nbma, lab.spoke(2).nbma);
+    // Whichever spoke initiated measured it (both may have, at once).
+    r.ike_ms = [established_ms(lab, 1, n2), established_ms(lab, 2, n1)]
+        .into_iter()
+        .flatten()
+        .min();
+    r.check(
+        "ike",
+        r.ike_ms.is_some(),
+        match r.ike_ms {
+            Some(ms) => format!("spoke1-spoke2 IPsec SA established in {ms} ms"),
+            None => "no IPsec SA between spoke1 and spoke2 in show dmvpn".to_string(),
+        },
+    );
+}
+
+/// tcpdump's `-tt` lines of `pcap` matching `filter`; their timestamps and count.
+fn capture_times(pcap: &std::path::Path, filter: &str) -> Result<Vec<f64>> {
+    let out = std::process::Command::new("tcpdump")
+        .args(["-tt", "-nn", "-r"])
+        .arg(pcap)
+        .arg(filter)
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "tcpdump -r {}: {}",
+            pcap.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect())
+}
+
+/// IPsec with a capture (read after the lab is down): from the first IKE packet on, only
+/// IKE (UDP 500/4500) and ESP leave the NBMA addresses. ICMP unreachables about UDP are
+/// allowed (IKE reaching a node whose agent is not listening yet or any more).
+pub fn capture_check(pcap: &std::path::Path, r: &mut Report) {
+    let res = (|| -> Result<(u64, u64, Option<f64>)> {
+        let start = capture_times(pcap, "udp port 500")?.into_iter().next();
+        let esp = capture_times(pcap, "ip proto 50")?.len() as u64;
+        let clear = capture_times(
+            pcap,
+            "ip and src net 198.51.100.0/24 and not (ip proto 50 or udp port 500 or udp port 4500)              and not (icmp[icmptype] == icmp-unreach and icmp[17] == 17)",
+        )?
+        .into_iter()
+        .filter(|t| start.is_some_and(|s| *t >= s))
+        .count() as u64;
+        Ok((esp, clear, start))
+    })();
+    match res {
+        Ok((esp, clear, start)) => {
+            r.underlay_esp_packets = Some(esp);
+            r.underlay_clear_packets = Some(clear);
+            r.check(
+                "encrypted-underlay",
+                start.is_some() && esp > 0 && clear == 0,
+                format!(
+                    "after the first IKE packet the underlay carried {esp} ESP packets and {clear} others (GRE, NHRP or data in clear)"
+                ),
+            );
+        }
+        Err(e) => r.fail("encrypted-underlay", format!("reading the capture: {e:#}")),
+    }
+    r.ok = r.failures.is_empty();
 }
 
 /// Sum of the hubs' forwarded (hairpinned) data packet counters.
@@ -225,6 +313,9 @@ fn lan_checks(lab: &mut Lab, r: &mut Report) -> Result<()> {
         );
         // Let the reverse direction settle too.
         thread::sleep(Duration::from_millis(500));
+        if lab.spec.ipsec_psk.is_some() {
+            ike_check(lab, r);
+        }
     } else {
         thread::sleep(Duration::from_secs(2));
     }

@@ -61,7 +61,16 @@ fn check_with_capture_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let pcap = dir.path().join("lab.pcap");
     let child = lab_bin()
-        .args(["check", "--phase", "3", "--spokes", "2", "--agent"])
+        // In clear, so that the capture shows GRE and decodes NHRP (encrypted: below).
+        .args([
+            "check",
+            "--phase",
+            "3",
+            "--spokes",
+            "2",
+            "--no-ipsec",
+            "--agent",
+        ])
         .arg(&agent)
         .arg("--pcap")
         .arg(&pcap)
@@ -127,6 +136,51 @@ fn check_with_capture_leaves_nothing_behind() {
             );
         }
     }
+}
+
+#[test]
+fn encrypted_check_sees_only_ike_and_esp_and_reports_ike_ms() {
+    if !common::root_or_skip("encrypted_check_sees_only_ike_and_esp_and_reports_ike_ms") {
+        return;
+    }
+    let _g = common::serial();
+    let agent = common::agent();
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("lab.pcap");
+    let out = lab_bin()
+        .args(["check", "--phase", "3", "--spokes", "2", "--agent"])
+        .arg(&agent)
+        .arg("--pcap")
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let j = last_json(&out.stdout);
+    assert_eq!(j["ok"], true, "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(j["ike_ms"].as_u64().is_some(), "{j}");
+    assert!(j["underlay_esp_packets"].as_u64() > Some(100), "{j}");
+    assert_eq!(j["underlay_clear_packets"], 0, "{j}");
+    let passed: Vec<&str> = j["passed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        passed.contains(&"ike") && passed.contains(&"encrypted-underlay"),
+        "{j}"
+    );
+    // No GRE at all in the capture, and the spokes talk ESP directly.
+    let count = |filter: &str| {
+        let r = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&pcap)
+            .arg(filter)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&r.stdout).lines().count()
+    };
+    assert_eq!(count("proto gre"), 0);
+    assert!(count("ip proto 50 and src host 198.51.100.11 and dst host 198.51.100.12") >= 50);
 }
 
 #[test]

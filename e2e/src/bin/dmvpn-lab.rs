@@ -53,6 +53,9 @@ enum Cmd {
         #[arg(long)]
         pcap: Option<PathBuf>,
     },
+    /// Measure single-stream TCP throughput (iperf3) LAN to LAN: plain veth, our tunnel
+    /// (shortcut, via hub, clear GRE) and strongSwan kernel-libipsec, in one run.
+    Bench(dmvpn_e2e::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
             hold,
             pcap,
         } => underlay(spokes, hubs, hold, pcap),
+        Cmd::Bench(args) => dmvpn_e2e::bench::main(&args),
     };
     match res {
         Ok(code) => code,
@@ -210,15 +214,25 @@ fn check(args: &LabArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let report = checks::run(&mut lab);
+    let mut report = checks::run(&mut lab);
+    let capture = lab
+        .spec
+        .pcap
+        .clone()
+        .filter(|_| lab.spec.ipsec_psk.is_some());
+    let logs = lab.logs(50);
+    // The capture is complete once the lab is down (agents, then tcpdump, stopped).
+    drop(lab);
+    if let Some(pcap) = capture {
+        checks::capture_check(&pcap, &mut report);
+    }
     if !report.ok {
-        eprintln!("{}", lab.logs(50));
+        eprintln!("{logs}");
         eprintln!("failed checks:");
         for f in &report.failures {
             eprintln!("  {f}");
         }
     }
-    drop(lab);
     eprintln!(
         "{} checks passed, {} failed ({:.1} s)",
         report.passed.len(),
