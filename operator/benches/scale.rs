@@ -70,7 +70,12 @@ fn main() {
         let ready = start.elapsed();
 
         // Confirm from the API: all Ready, unique addresses.
-        let list = lab.spokes.list(&ListParams::default()).await.expect("list").items;
+        let list = lab
+            .spokes
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items;
         let mut addrs: Vec<String> = list
             .iter()
             .filter_map(|s| s.status.as_ref()?.tunnel_address.clone())
@@ -85,10 +90,17 @@ fn main() {
         let requests: u64 = lab.server.requests().values().sum();
         println!("spokes: {n}");
         println!("created all in: {:.2} s", created.as_secs_f64());
-        println!("all Ready after: {:.2} s ({:.1} spokes/s)", ready.as_secs_f64(), n as f64 / ready.as_secs_f64());
+        println!(
+            "all Ready after: {:.2} s ({:.1} spokes/s)",
+            ready.as_secs_f64(),
+            n as f64 / ready.as_secs_f64()
+        );
         println!("API requests (all clients): {requests}");
         println!("RSS before spokes: {:.1} MiB", base_rss as f64 / 1024.0);
-        println!("peak RSS (VmHWM, whole process): {:.1} MiB", hwm as f64 / 1024.0);
+        println!(
+            "peak RSS (VmHWM, whole process): {:.1} MiB",
+            hwm as f64 / 1024.0
+        );
         agents.cancel();
         op.shutdown().await.expect("clean shutdown");
     });

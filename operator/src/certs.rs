@@ -97,13 +97,17 @@ impl std::fmt::Debug for CaManager {
 fn bundle_of(current: &str, old_bundle: Option<&str>, now: SystemTime) -> String {
     let mut out = current.trim_end().to_owned();
     out.push('\n');
-    let current_serial = pki::inspect(current).ok().map(|i| i.serial);
+    let mut seen: std::collections::BTreeSet<String> = pki::inspect(current)
+        .ok()
+        .map(|i| i.serial)
+        .into_iter()
+        .collect();
     if let Some(old) = old_bundle {
         for block in split_pem(old) {
             let Ok(info) = pki::inspect(&block) else {
                 continue;
             };
-            if Some(&info.serial) != current_serial.as_ref() && info.valid_at(now) {
+            if info.valid_at(now) && seen.insert(info.serial.clone()) {
                 out.push_str(block.trim_end());
                 out.push('\n');
             }

@@ -53,6 +53,8 @@ pub enum PkiError {
         not_before: SystemTime,
         not_after: SystemTime,
     },
+    #[error("the system random number generator failed")]
+    Random,
     #[error("time {0:?} is out of the range a certificate can carry")]
     Time(SystemTime),
     #[error("certificate lifetime must be at least {min:?}, got {got:?}")]
@@ -170,14 +172,10 @@ fn whole_seconds(t: SystemTime) -> SystemTime {
 }
 
 fn random_serial() -> Result<SerialNumber, PkiError> {
-    // A fresh key pair is a convenient source of 16 random bytes without another dependency.
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let raw = key.public_key_raw();
-    let mut bytes: Vec<u8> = raw.iter().rev().take(16).copied().collect();
-    if let Some(first) = bytes.first_mut() {
-        // Positive and non-zero leading byte, as RFC 5280 asks.
-        *first = (*first & 0x7f) | 0x01;
-    }
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| PkiError::Random)?;
+    // Positive and non-zero leading byte, as RFC 5280 asks.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
     Ok(SerialNumber::from_slice(&bytes))
 }
 

@@ -1085,11 +1085,17 @@ pub fn error_policy<K>(kind: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Contex
     }
 }
 
-/// Makes the address records agree with the addresses recorded in statuses (after a restart
-/// with a lost or older record), before any new address is handed out.
+/// Makes the address records agree with the objects, before any new address is handed out:
+/// addresses recorded in statuses but missing from a record (a lost or older record) are
+/// re-claimed, and addresses held for objects that no longer exist (a crash between deletion
+/// steps) are released.
 pub async fn rebuild_records(ctx: &Context) -> Result<usize, Error> {
     let mut claimed = 0;
-    for hub in ctx.hubs_api.list(&Default::default()).await?.items {
+    let hubs = ctx.hubs_api.list(&Default::default()).await?.items;
+    let spokes = ctx.spokes_api.list(&Default::default()).await?.items;
+    let mut holders = std::collections::HashSet::new();
+    for hub in &hubs {
+        holders.insert(ipam::holder(HUB, &hub.name_any()));
         let (Some(addr), Ok(net)) = (
             hub.status
                 .as_ref()
@@ -1115,7 +1121,8 @@ pub async fn rebuild_records(ctx: &Context) -> Result<usize, Error> {
             }
         }
     }
-    for spoke in ctx.spokes_api.list(&Default::default()).await?.items {
+    for spoke in &spokes {
+        holders.insert(ipam::holder(SPOKE, &spoke.name_any()));
         let Some(status) = spoke.status.as_ref() else {
             continue;
         };
@@ -1146,6 +1153,32 @@ pub async fn rebuild_records(ctx: &Context) -> Result<usize, Error> {
             claimed,
             "re-claimed addresses recorded in statuses but missing from the records"
         );
+    }
+    // Release what nobody holds any more.
+    let records = ctx
+        .secrets
+        .list(&kube::api::ListParams::default().labels(ipam::LABEL_IPAM_NETWORK))
+        .await?
+        .items;
+    for record in records {
+        let Some(net) = record
+            .labels()
+            .get(ipam::LABEL_IPAM_NETWORK)
+            .and_then(|v| ipam::parse_network(&v.replace('_', "/")).ok())
+        else {
+            continue;
+        };
+        let stale: BTreeSet<String> = ctx
+            .ipam
+            .entries(&net)
+            .await?
+            .into_values()
+            .filter(|h| !holders.contains(h))
+            .collect();
+        for h in stale {
+            tracing::info!(holder = %h, network = %net, "releasing the address of an object that no longer exists");
+            ctx.ipam.release(&net, &h).await?;
+        }
     }
     Ok(claimed)
 }

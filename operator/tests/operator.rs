@@ -94,9 +94,9 @@ fn granted(rules: &[Rule], k: &RequestKey) -> bool {
     let res = resource_of(k);
     rules.iter().any(|r| {
         (r.namespace.is_none() || r.namespace == k.namespace)
-            && r.groups.iter().any(|g| *g == k.group)
-            && r.resources.iter().any(|x| *x == res)
-            && r.verbs.iter().any(|v| *v == k.verb)
+            && r.groups.contains(&k.group)
+            && r.resources.contains(&res)
+            && r.verbs.contains(&k.verb)
             && (r.names.is_empty() || k.name.as_ref().is_some_and(|n| r.names.contains(n)))
     })
 }
@@ -332,4 +332,75 @@ async fn leader_election_hands_over() {
     );
     agents.cancel();
     b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotation_keeps_the_previous_ca_trusted_and_reissues_leaves() {
+    use dmvpn_operator::certs::{self, CaManager, CertAction};
+    use dmvpn_operator::pki::{self, Identity, IdentityKind};
+    use k8s_openapi::api::core::v1::Secret;
+    use std::time::SystemTime;
+
+    let lab = Lab::start().await;
+    let client = lab.operator_client();
+    let t0 = SystemTime::now();
+    let ca_life = Duration::from_secs(30);
+    let mgr = CaManager::new(client.clone(), NS, dmvpn_crds::CA_SECRET_NAME, ca_life);
+    let first = mgr.current(t0).await.unwrap();
+    assert_eq!(pki::inspect_bundle(&first.bundle).unwrap().len(), 1);
+    // A second manager (another instance, or a restart) loads the same CA.
+    let again = CaManager::new(client.clone(), NS, dmvpn_crds::CA_SECRET_NAME, ca_life);
+    assert_eq!(
+        again.current(t0).await.unwrap().ca.cert_pem(),
+        first.ca.cert_pem()
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let id = Identity {
+        kind: IdentityKind::Spoke,
+        namespace: None,
+        name: "s0".to_owned(),
+        tunnel_address: "10.42.0.2".parse().unwrap(),
+    };
+    let leaf_life = Duration::from_secs(3600);
+    let issued =
+        certs::ensure_site_certificate(&secrets, "leaf", &id, &first, leaf_life, t0, None, &[])
+            .await
+            .unwrap();
+    assert_eq!(issued.action, CertAction::Issued);
+    let old_leaf = certs::secret_certs(&secrets.get("leaf").await.unwrap())
+        .0
+        .unwrap();
+
+    // At 2/3 of the CA lifetime a new CA takes over; the old one stays in the bundle.
+    let t1 = t0 + Duration::from_secs(21);
+    let second = mgr.current(t1).await.unwrap();
+    assert_ne!(second.ca.cert_pem(), first.ca.cert_pem());
+    assert_eq!(pki::inspect_bundle(&second.bundle).unwrap().len(), 2);
+    pki::verify(&old_leaf, &second.bundle, t1).unwrap();
+
+    // The leaf is re-signed by the new CA, keeping the old one as the previous certificate.
+    let renewed =
+        certs::ensure_site_certificate(&secrets, "leaf", &id, &second, leaf_life, t1, None, &[])
+            .await
+            .unwrap();
+    assert_eq!(renewed.action, CertAction::Rotated);
+    let s = secrets.get("leaf").await.unwrap();
+    let (cur, prev) = certs::secret_certs(&s);
+    assert_eq!(prev.as_deref(), Some(old_leaf.as_str()));
+    let bundle = certs::secret_bundle(&s).unwrap();
+    pki::verify(&cur.clone().unwrap(), second.ca.cert_pem(), t1).unwrap();
+    pki::verify(&old_leaf, &bundle, t1).unwrap();
+    // Nothing more to do until the next renewal.
+    let same =
+        certs::ensure_site_certificate(&secrets, "leaf", &id, &second, leaf_life, t1, None, &[])
+            .await
+            .unwrap();
+    assert_eq!(same.action, CertAction::Unchanged);
+    // Once the old CA has expired it leaves the bundle.
+    let t2 = t0 + Duration::from_secs(31);
+    let fresh = CaManager::new(client, NS, dmvpn_crds::CA_SECRET_NAME, ca_life);
+    let third = fresh.current(t2).await.unwrap();
+    assert_eq!(third.ca.cert_pem(), second.ca.cert_pem());
+    assert_eq!(pki::inspect_bundle(&third.bundle).unwrap().len(), 1);
 }

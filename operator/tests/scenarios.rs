@@ -237,7 +237,23 @@ async fn restart_keeps_every_assignment() {
         .collect();
     op.shutdown().await.unwrap();
 
-    // Restart 1: the record survives.
+    // While it is down, a crash leftover appears: an address held for a spoke that is gone.
+    let records: Api<Secret> = Api::namespaced(lab.client.clone(), NS);
+    let record_name = dmvpn_operator::ipam::record_name(&"10.42.0.0/24".parse().unwrap());
+    records
+        .patch(
+            &record_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"data": {"10.42.0.200": "c3Bva2UvZ2hvc3Q="}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ipam_record(&lab, "10.42.0.0/24").await["10.42.0.200"],
+        "spoke/ghost"
+    );
+
+    // Restart 1: the record survives; the leftover is released.
     let op = lab.start_operator(test_settings());
     lab.create_spoke("late-1", "hub-a", "10.100.90.0/24").await;
     let list = lab.wait_all_ready(21, WAIT).await;
@@ -246,6 +262,11 @@ async fn restart_keeps_every_assignment() {
         assert_eq!(after[n], *a, "{n} kept its address");
     }
     assert_eq!(after["late-1"], Ipv4Addr::new(10, 42, 0, 22));
+    assert!(
+        !ipam_record(&lab, "10.42.0.0/24")
+            .await
+            .contains_key("10.42.0.200")
+    );
     // Certificates were not re-issued just because of the restart.
     for s in &list {
         if let Some(old) = serials.get(&s.name_any()) {
@@ -501,7 +522,11 @@ async fn the_example_manifests_become_ready() {
         let patch = json!({"metadata": {"labels": {
             "dmvpn.kube-dmvpn.io/role": "hub", "dmvpn.kube-dmvpn.io/gateway": "true"}}});
         nodes
-            .patch(n, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .patch(
+                n,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
             .await
             .unwrap();
     }
@@ -518,14 +543,25 @@ async fn the_example_manifests_become_ready() {
             }
             _ => {
                 let spoke: DmvpnSpoke = serde_json::from_value(v).unwrap();
-                lab.spokes.create(&Default::default(), &spoke).await.unwrap();
+                lab.spokes
+                    .create(&Default::default(), &spoke)
+                    .await
+                    .unwrap();
             }
         }
     }
     let list = lab.wait_all_ready(2, WAIT).await;
     let addrs = addresses(&list);
-    assert_eq!(addrs["spoke-b"], Ipv4Addr::new(10, 42, 0, 20), "static address");
-    assert_eq!(addrs["spoke-a"], Ipv4Addr::new(10, 42, 0, 2), "lowest free after the hub's .1");
+    assert_eq!(
+        addrs["spoke-b"],
+        Ipv4Addr::new(10, 42, 0, 20),
+        "static address"
+    );
+    assert_eq!(
+        addrs["spoke-a"],
+        Ipv4Addr::new(10, 42, 0, 2),
+        "lowest free after the hub's .1"
+    );
     let a = list.iter().find(|s| s.name_any() == "spoke-a").unwrap();
     assert_eq!(
         a.status.as_ref().unwrap().site_prefixes,
@@ -533,7 +569,10 @@ async fn the_example_manifests_become_ready() {
         "pod CIDRs of the nodes"
     );
     let hub = lab.hubs.get("hub-a").await.unwrap();
-    assert_eq!(hub.status.unwrap().tunnel_address.as_deref(), Some("10.42.0.1"));
+    assert_eq!(
+        hub.status.unwrap().tunnel_address.as_deref(),
+        Some("10.42.0.1")
+    );
     agents.cancel();
     op.shutdown().await.unwrap();
 }
