@@ -10,8 +10,8 @@
 #   1 AGENT      path of the dmvpn-agent binary (the VM sees the host's / read-only)
 #   2 OUT        directory for the underlay captures (<scenario>.pcap) and the logs
 #                (<scenario>-logs/); /mnt/host-share is the host's $SHARE inside the VM
-#   3 SCENARIOS  '+'-separated subset of: frrhub ourhub ourhub-static frrhub-auth ourhub-auth
-#                (default: all)
+#   3 SCENARIOS  '+'-separated subset of: frrhub ourhub ourhub-static frrhub-nat ourhub-nat
+#                frrhub-auth ourhub-auth (default: all)
 #
 # Topology of every scenario: an underlay bridge (198.51.100.0/24) in its own netns, a hub
 # 10.42.0.1 (NBMA .1), spoke S1 = dmvpn-agent 10.42.0.11 (.11) and spoke S2 = FRR nhrpd 10.42.0.12
@@ -21,7 +21,10 @@
 # Resolution, shortcut) in both directions. "-auth" variants add `ip nhrp authentication` /
 # nhrp_auth with the same password everywhere, plus a spoke S3 (.13) of the other implementation
 # with a wrong password that must not get registered. The FRR spoke uses `nhs dynamic nbma` (FRR's documented DMVPN spoke) in frrhub
-# and ourhub, a static `nhs` + `map` in ourhub-static and the -auth variants.
+# and ourhub, a static `nhs` + `map` in ourhub-static, ourhub-nat and the -auth variants.
+# "-nat" variants put one spoke (ours at the FRR hub, FRR's at our hub) behind a NAT router
+# (own underlay 203.0.113.2, public 198.51.100.21/.22): Cisco NAT extension both ways, and the
+# other spoke's shortcut must use the public address. "-auth" variants are skipped on FRR < 10.
 #
 # Prints "PASS <scenario>: <check>" / "FAIL ..." lines and "N passed, M failed"; exit code = M
 # (capped at 100; 2 = cannot run at all).
@@ -33,7 +36,7 @@ SHARED=${DMVPN_SHARED:-$here/../../../shared}
 [ -f "$SHARED/tools/lib.sh" ] || { echo "ERROR: shared tools not found at $SHARED/tools (set DMVPN_SHARED)" >&2; exit 2; }
 . "$SHARED/tools/lib.sh"
 
-AGENT=${1:-}; OUT=${2:-}; SCEN=${3:-frrhub+ourhub+ourhub-static+frrhub-auth+ourhub-auth}
+AGENT=${1:-}; OUT=${2:-}; SCEN=${3:-frrhub+ourhub+ourhub-static+frrhub-nat+ourhub-nat+frrhub-auth+ourhub-auth}
 [ -n "$AGENT" ] && [ -x "$AGENT" ] || dt_die "usage: $0 AGENT_BINARY [OUTDIR [SCENARIOS]]: no executable dmvpn-agent at '${AGENT}'"
 dt_need_root
 [ -x /usr/lib/frr/nhrpd ] || dt_die "FRR missing (/usr/lib/frr/nhrpd): run $DT_TOOLS/setup-host.sh"
@@ -41,7 +44,7 @@ dt_init
 dt_scratch; D=$DT_SCRATCH; chmod 755 "$D"        # FRR daemons run as user frr
 [ -n "$OUT" ] && { mkdir -p "$OUT" || dt_die "cannot create $OUT"; }
 
-# Netfilter modules for the hub's NFLOG rule. They are not in the VM's initramfs; the extracted
+# Netfilter modules for the hub's NFLOG rule and the NAT routers. They are not in the VM's initramfs; the extracted
 # guest kernel in the tools cache has them (the VM sees the host's / including that cache).
 load_nflog_modules() {
   local kr
@@ -50,7 +53,7 @@ load_nflog_modules() {
     kr=
   done
   local m
-  for m in nfnetlink_log xt_NFLOG xt_hashlimit nft_compat x_tables; do
+  for m in nfnetlink_log xt_NFLOG xt_hashlimit nft_compat x_tables nf_conntrack nf_nat nft_chain_nat nft_nat; do
     modprobe "$m" 2>/dev/null || { [ -n "$kr" ] && modprobe -d "$kr/kernel" "$m" 2>/dev/null; } || true
   done
 }
@@ -98,6 +101,30 @@ add_node() {  # name nbma
   ip -n "$n" addr add "$2/24" dev ul0; ip -n "$n" link set ul0 up
   ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 \
     net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.all.send_redirects=0
+}
+
+# add_natted_node name public: the node sits behind its own NAT router (netns "nat-<name>",
+# public address on the underlay bridge, SNAT of everything leaving it); the node's own underlay
+# address is $PRIV_NBMA (203.0.113.2) in 203.0.113.0/24 behind that router.
+PRIV_NBMA=203.0.113.2; PRIV_GW=203.0.113.1
+add_natted_node() {
+  local r; r=$(node_ns "nat-$1"); dt_netns_add "$r"; SC_NS+=("$r"); NSOF[nat-$1]=$r
+  ip -n "${NSOF[net]}" link add "p-nat-$1" type veth peer name ul0 netns "$r"
+  ip -n "${NSOF[net]}" link set "p-nat-$1" master br0 up
+  ip -n "$r" addr add "$2/24" dev ul0; ip -n "$r" link set ul0 up
+  local n; n=$(node_ns "$1"); dt_netns_add "$n"; SC_NS+=("$n"); NSOF[$1]=$n
+  ip -n "$r" link add in0 type veth peer name ul0 netns "$n"
+  ip -n "$r" addr add "$PRIV_GW/24" dev in0; ip -n "$r" link set in0 up
+  ip -n "$n" addr add "$PRIV_NBMA/24" dev ul0; ip -n "$n" link set ul0 up
+  ip -n "$n" route add default via "$PRIV_GW"
+  ip netns exec "$r" sysctl -qw net.ipv4.ip_forward=1
+  ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 \
+    net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.all.send_redirects=0
+  ip netns exec "$r" nft -f - <<EON || echo "WARNING: NAT rules for $1 failed"
+table ip nat {
+  chain post { type nat hook postrouting priority 100; oifname "ul0" snat to $2; }
+}
+EON
 }
 
 frr_version() { echo "FRR nhrpd $(/usr/lib/frr/nhrpd --version 2>/dev/null | sed -n 's/.*version //p' | head -1)"; }
@@ -223,6 +250,12 @@ frr_nhs_up() {  # name: the NHS entry resolved to the hub's tunnel address
 frr_shortcut_to() {  # name tunnel nbma: FRR resolved it (shortcut table) and caches that NBMA
   vty "$1" "show ip nhrp shortcut" | grep -qE " $2/32 " && frr_binding_to "$1" "$2" "$3"
 }
+frr_cache_claimed() {  # name type tunnel nbma claimed-nbma
+  vty "$1" "show ip nhrp cache" | grep -qE "^gre1 +$2 +$3 +$4 +$5 "
+}
+our_nat_address() {  # name: the NAT-mapped address our NHC learned from the NHS
+  ours "$1" nhrp nhs | jq -r --arg a "$HUB_TUN" '.nhs[] | select(.tunnel_address == $a) | .nat_address // "none"'
+}
 frr_binding_to() {  # name tunnel nbma: a direct binding (learned by resolution, either side)
   vty "$1" "show ip nhrp cache" | grep -qE "^gre1 +(dynamic|cached) +$2 +$3 "
 }
@@ -295,22 +328,27 @@ scenario_end() {  # failures-before
 }
 
 # ---- scenario: FRR hub, our spoke S1, FRR spoke S2
-run_frrhub() {  # name auth
-  local f0=$FAILED auth=$2 nhsmode=dynamic
+run_frrhub() {  # name auth nat(0|1: our spoke behind NAT)
+  local f0=$FAILED auth=$2 nat=${3:-0} nhsmode=dynamic s1c=$S1_NBMA s1p=$S1_NBMA
   [ -n "$auth" ] && nhsmode=static
   scenario_begin "$1"
-  add_node hub $HUB_NBMA; add_node s1 $S1_NBMA; add_node s2 $S2_NBMA
+  add_node hub $HUB_NBMA; add_node s2 $S2_NBMA
+  if [ "$nat" = 1 ]; then s1c=$PRIV_NBMA; s1p=198.51.100.21; add_natted_node s1 $s1p; else add_node s1 $S1_NBMA; fi
   [ -n "$auth" ] && add_node s3 $S3_NBMA
   start_frr hub $HUB_NBMA $HUB_TUN hub "$auth"
   if [ -n "$auth" ] && frr_lacks_auth hub; then
     skip_scenario "$(frr_version) has no 'ip nhrp authentication' (FRR 10 or later needed)"
     scenario_end "$f0"; return
   fi
-  start_ours s1 $S1_NBMA $S1_TUN spoke "$auth"
+  start_ours s1 $s1c $S1_TUN spoke "$auth"
   start_frr s2 $S2_NBMA $S2_TUN spoke "$auth" $nhsmode
   [ -n "$auth" ] && start_ours s3 $S3_NBMA $S3_TUN spoke "$WRONG"
-  check "FRR hub caches our spoke: dynamic $S1_TUN NBMA $S1_NBMA" wait_for 30 frr_cache_has hub dynamic $S1_TUN $S1_NBMA
+  check "FRR hub caches our spoke: dynamic $S1_TUN NBMA $s1p" wait_for 30 frr_cache_has hub dynamic $S1_TUN $s1p
   check "our spoke: NHS $HUB_TUN up and registered (show nhrp nhs)" wait_for 10 our_nhs_up s1
+  if [ "$nat" = 1 ]; then
+    check "NAT: FRR hub keeps our claimed NBMA $s1c next to the observed $s1p" frr_cache_claimed hub dynamic $S1_TUN $s1p $s1c
+    check "NAT: our spoke learned its NAT address $s1p from FRR's NAT extension" test "$(our_nat_address s1)" = "$s1p"
+  fi
   check "FRR spoke registered at FRR hub (reference)" wait_for 30 frr_cache_has hub dynamic $S2_TUN $S2_NBMA
   check "ping our spoke -> FRR hub over the overlay" ping_from s1 $S1_TUN $HUB_TUN
   check "ping FRR hub -> our spoke over the overlay" ping_from hub $HUB_TUN $S1_TUN
@@ -321,8 +359,8 @@ run_frrhub() {  # name auth
   check "phase 3: ping our spoke -> FRR spoke (over the shortcut)" ping_from s1 $S1_TUN $S2_TUN
   # FRR, as the responder of our Resolution Request, caches our spoke; its own resolution
   # through our hub is covered by the ourhub scenarios
-  check "phase 3: FRR spoke has a direct binding for our spoke $S1_TUN (NBMA $S1_NBMA)" \
-    ping_until 25 s2 $S2_TUN $S1_TUN frr_binding_to s2 $S1_TUN $S1_NBMA
+  check "phase 3: FRR spoke has a direct binding for our spoke $S1_TUN (NBMA $s1p)" \
+    ping_until 25 s2 $S2_TUN $S1_TUN frr_binding_to s2 $S1_TUN $s1p
   check "phase 3: ping FRR spoke -> our spoke" ping_from s2 $S2_TUN $S1_TUN
   if [ -n "$auth" ]; then
     check "wrong password: FRR hub does not cache our spoke $S3_TUN" not frr_cache_has hub dynamic $S3_TUN $S3_NBMA
@@ -332,23 +370,29 @@ run_frrhub() {  # name auth
 }
 
 # ---- scenario: our hub, FRR spoke S2, our spoke S1
-run_ourhub() {  # name auth nhsmode(dynamic|static)
-  local f0=$FAILED auth=$2 nhsmode=$3
+run_ourhub() {  # name auth nhsmode(dynamic|static) nat(0|1: the FRR spoke behind NAT)
+  local f0=$FAILED auth=$2 nhsmode=$3 nat=${4:-0} s2c=$S2_NBMA s2p=$S2_NBMA
   scenario_begin "$1"
-  add_node hub $HUB_NBMA; add_node s1 $S1_NBMA; add_node s2 $S2_NBMA
+  add_node hub $HUB_NBMA; add_node s1 $S1_NBMA
+  if [ "$nat" = 1 ]; then s2c=$PRIV_NBMA; s2p=198.51.100.22; add_natted_node s2 $s2p; else add_node s2 $S2_NBMA; fi
   [ -n "$auth" ] && add_node s3 $S3_NBMA
   start_ours hub $HUB_NBMA $HUB_TUN hub "$auth"
-  start_frr s2 $S2_NBMA $S2_TUN spoke "$auth" $nhsmode
+  start_frr s2 $s2c $S2_TUN spoke "$auth" $nhsmode
   if [ -n "$auth" ] && frr_lacks_auth s2; then
     skip_scenario "$(frr_version) has no 'ip nhrp authentication' (FRR 10 or later needed)"
     scenario_end "$f0"; return
   fi
   start_ours s1 $S1_NBMA $S1_TUN spoke "$auth"
   [ -n "$auth" ] && start_frr s3 $S3_NBMA $S3_TUN spoke "$WRONG" static
-  check "our hub caches the FRR spoke: dynamic $S2_TUN NBMA $S2_NBMA" wait_for 30 our_cache_has hub dynamic $S2_TUN $S2_NBMA
+  check "our hub caches the FRR spoke: dynamic $S2_TUN NBMA $s2p" wait_for 30 our_cache_has hub dynamic $S2_TUN $s2p
   check "FRR spoke: NHS $HUB_NBMA resolved to $HUB_TUN (show ip nhrp nhs)" wait_for 10 frr_nhs_up s2
   check "FRR spoke caches our hub as nhs" wait_for 10 frr_cache_has s2 nhs $HUB_TUN $HUB_NBMA
   check "our spoke registered at our hub (reference)" wait_for 30 our_cache_has hub dynamic $S1_TUN $S1_NBMA
+  if [ "$nat" = 1 ]; then
+    # nhrpd logs this when the second CIE of our Registration Reply's NAT extension is present
+    check "NAT: FRR spoke detected NAT from our Registration Reply" \
+      grep -q "gre1: NAT detected" "$SCD/s2/nhrpd.log"
+  fi
   check "ping FRR spoke -> our hub over the overlay" ping_from s2 $S2_TUN $HUB_TUN
   check "ping our hub -> FRR spoke over the overlay" ping_from hub $HUB_TUN $S2_TUN
   check "phase 3: our hub redirects, FRR spoke resolves $S1_TUN (shortcut / cache NBMA $S1_NBMA)" \
@@ -358,8 +402,8 @@ run_ourhub() {  # name auth nhsmode(dynamic|static)
   check "phase 3: our spoke answered FRR's Resolution Request" \
     test "$(our_counter s1 '.nhrp.messages.resolution_reply.tx')" -gt 0
   check "phase 3: ping FRR spoke -> our spoke (over the shortcut)" ping_from s2 $S2_TUN $S1_TUN
-  check "phase 3: our spoke resolves the FRR spoke $S2_TUN: shortcut to NBMA $S2_NBMA" \
-    ping_until 25 s1 $S1_TUN $S2_TUN our_shortcut_to s1 $S2_TUN $S2_NBMA
+  check "phase 3: our spoke resolves the FRR spoke $S2_TUN: shortcut to NBMA $s2p" \
+    ping_until 25 s1 $S1_TUN $S2_TUN our_shortcut_to s1 $S2_TUN $s2p
   if [ -n "$auth" ]; then
     check "wrong password: our hub does not cache the FRR spoke $S3_TUN" not our_cache_has hub dynamic $S3_TUN $S3_NBMA
     check "wrong password: our hub counted bad authentication" \
@@ -376,7 +420,9 @@ for s in ${SCEN//+/ }; do
     ourhub-static) run_ourhub ourhub-static "" static ;;
     frrhub-auth) run_frrhub frrhub-auth "$PASSWORD" ;;
     ourhub-auth) run_ourhub ourhub-auth "$PASSWORD" static ;;
-    *) echo "FAIL $s: unknown scenario (frrhub ourhub ourhub-static frrhub-auth ourhub-auth)"; FAILED=$((FAILED + 1)) ;;
+    frrhub-nat) run_frrhub frrhub-nat "" 1 ;;
+    ourhub-nat) run_ourhub ourhub-nat "" static 1 ;;
+    *) echo "FAIL $s: unknown scenario (frrhub ourhub ourhub-static frrhub-auth ourhub-auth frrhub-nat ourhub-nat)"; FAILED=$((FAILED + 1)) ;;
   esac
 done
 echo "frr interop: $(( $(date +%s) - t0 )) s"
