@@ -446,7 +446,7 @@ impl Agent {
                         ike.handle_timeout(now);
                     }
                     self.collect_inbound(now);
-                    self.install_due(now, None).await;
+                    self.install_due(now, None, None).await;
                     self.flush_due(now).await;
                     self.pump_ike().await;
                 }
@@ -480,7 +480,7 @@ impl Agent {
                 self.engine.handle_packet(now, from_nbma, &bytes);
             }
             dp::Event::SaActive { spi } => {
-                self.install_due(now, Some(spi)).await;
+                self.install_due(now, Some(spi), None).await;
                 return;
             }
             dp::Event::NeedSa { nbma } => {
@@ -614,7 +614,12 @@ impl Agent {
                 spi_out,
             } => {
                 self.pending_out.retain(|o| o.sa.spi() != spi_out);
-                p.dp.remove_outbound(peer, Some(spi_out));
+                // A rekey deletes the old SA as soon as the new one exists: its successor
+                // takes over now rather than after its delay.
+                self.install_due(now, None, Some(peer)).await;
+                if let Some(p) = &self.plane {
+                    p.dp.remove_outbound(peer, Some(spi_out));
+                }
                 self.inbound_gc.push((now + INBOUND_GRACE, spi_in));
             }
             SaChange::PeerDown { peer } => {
@@ -624,12 +629,12 @@ impl Agent {
         }
     }
 
-    /// Installs the delayed outbound SAs whose time has come, or whose inbound half
-    /// `active` the peer has started to use.
-    async fn install_due(&mut self, now: Instant, active: Option<u32>) {
+    /// Installs the delayed outbound SAs whose time has come, whose inbound half `active`
+    /// the peer has started to use, or whose peer `replacing` loses its current one.
+    async fn install_due(&mut self, now: Instant, active: Option<u32>, replacing: Option<IpAddr>) {
         let (due, rest): (Vec<PendingOut>, Vec<PendingOut>) = std::mem::take(&mut self.pending_out)
             .into_iter()
-            .partition(|o| o.at <= now || Some(o.spi_in) == active);
+            .partition(|o| o.at <= now || Some(o.spi_in) == active || Some(o.peer) == replacing);
         self.pending_out = rest;
         for o in due {
             self.install_outbound(o.peer, o.sa, o.udp_port).await;

@@ -308,7 +308,7 @@ impl RawIpsec {
         }
         if let Some(v) = self.child_lifetime {
             c.child_lifetime_secs =
-                in_range(ctx, "ipsec.child_lifetime", v, 60, 86400, " seconds")? as u32;
+                in_range(ctx, "ipsec.child_lifetime", v, 10, 86400, " seconds")? as u32;
         }
         if c.child_lifetime_secs > c.ike_lifetime_secs {
             return Err(ctx.err(

@@ -383,7 +383,11 @@ fn hub_and_two_spokes(lab: &mut Lab, ipsec: [String; 3]) {
     );
 
     let pcap = lab.stop_capture();
-    let esp = count(&pcap, "ip proto 50");
+    // ESP: raw (protocol 50) or in UDP 4500 (first 4 payload bytes not the non-ESP marker).
+    let esp = count(
+        &pcap,
+        "ip proto 50 or (udp port 4500 and udp[8:4] != 0 and udp[4:2] > 9)",
+    );
     let ike = count(&pcap, "udp port 500 or udp port 4500");
     let gre = count(&pcap, "ip proto 47");
     // Sent by the nodes (the switch's own bridge sends IGMP reports from 0.0.0.0); an ICMP
@@ -420,7 +424,7 @@ fn hub_and_two_spokes(lab: &mut Lab, ipsec: [String; 3]) {
     assert!(
         count(
             &pcap,
-            "ip proto 50 and src host 198.51.100.2 and dst host 198.51.100.3"
+            "(ip proto 50 or udp port 4500) and src host 198.51.100.2 and dst host 198.51.100.3"
         ) > 0
     );
 }
@@ -433,6 +437,39 @@ fn psk_hub_and_spokes_only_ike_and_esp_on_the_underlay() {
     let mut lab = Lab::new("p", 3);
     let psk = format!("psk = \"{PSK}\"");
     hub_and_two_spokes(&mut lab, [psk.clone(), psk.clone(), psk]);
+}
+
+#[test]
+fn forced_udp_encapsulation_carries_esp_in_udp_4500() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new("u", 3);
+    let psk = format!("psk = \"{PSK}\"\nforce_udp_encap = true");
+    hub_and_two_spokes(&mut lab, [psk.clone(), psk.clone(), psk]);
+    let pcap = lab.path("underlay.pcap");
+    // Everything went in UDP 4500 (IKE after IKE_SA_INIT, and ESP): no raw ESP at all.
+    assert_eq!(count(&pcap, "ip proto 50"), 0);
+    assert!(
+        count(
+            &pcap,
+            "udp port 4500 and src host 198.51.100.2 and dst host 198.51.100.3"
+        ) > 0
+    );
+    let d = lab.show(1, &["dmvpn"]).unwrap();
+    assert!(
+        d["ipsec"]["sas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["direction"] == "outbound")
+            .all(|s| s["udp_encap"] == true),
+        "{d:#}"
+    );
+    assert_eq!(
+        ike_peer(&d, "198.51.100.1").unwrap()["remote"],
+        "198.51.100.1:4500"
+    );
 }
 
 /// Creates a CA and a certificate per node; returns the `[ipsec]` bodies. `claimed` lists
@@ -583,4 +620,58 @@ fn certificate_for_another_tunnel_address_is_refused() {
             .any(|e| e["type"] == "dynamic"),
         "{hub_cache:#}"
     );
+}
+
+#[test]
+fn child_sa_rekey_loses_no_packet() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new("r", 2);
+    // Rekeyed at 90 % of 10 s.
+    let ipsec = format!("psk = \"{PSK}\"\nchild_lifetime = 10");
+    lab.start(0, "10.42.0.1", &ipsec);
+    lab.start(1, "10.42.0.2", &ipsec);
+    lab.try_wait_for("registration", || lab.registered(1))
+        .unwrap();
+    lab.try_wait_for("a first ping", || lab.ping(1, "10.42.0.1"))
+        .unwrap();
+    let spi = |lab: &Lab| {
+        lab.show(1, &["dmvpn"]).and_then(|d| {
+            d["ipsec"]["sas"].as_array()?.iter().find_map(|s| {
+                (s["direction"] == "outbound")
+                    .then(|| s["spi"].as_u64())
+                    .flatten()
+            })
+        })
+    };
+    let before = spi(&lab).unwrap();
+    // 12 s of pings every 50 ms across the rekey at about 9 s.
+    let out = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.ns(1),
+            "ping",
+            "-q",
+            "-c",
+            "240",
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "10.42.0.1",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("240 packets transmitted, 240 received"),
+        "{text}\n{}",
+        lab.logs()
+    );
+    let after = spi(&lab).unwrap();
+    assert_ne!(before, after, "no rekey happened");
+    let log = std::fs::read_to_string(lab.path("n1.log")).unwrap();
+    assert!(log.contains("rekey=true"), "no rekeyed CHILD SA in the log");
 }
