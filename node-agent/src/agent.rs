@@ -445,6 +445,11 @@ impl Agent {
                     {
                         ike.handle_timeout(now);
                     }
+                    if let (Some(ike), Some(p)) = (self.ike.as_mut(), &self.plane)
+                        && ike.limit_check_due(now)
+                    {
+                        ike.rekey_for_limits(now, &p.dp.rekey_needed());
+                    }
                     self.collect_inbound(now);
                     self.install_due(now, None, None).await;
                     self.flush_due(now).await;

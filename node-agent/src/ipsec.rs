@@ -30,6 +30,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const MAX_FAILURE_KEYS: usize = 4096;
 /// Peers whose state is kept for `show`; the oldest failed/down ones are forgotten first.
 const MAX_PEERS: usize = 4096;
+/// NAT keepalive interval on UDP 4500 (RFC 3948 §4): keeps NAT mappings open.
+const NAT_KEEPALIVE: Duration = dmvpn_esp::udp::DEFAULT_KEEPALIVE_INTERVAL;
+/// How often the data plane's SAs are asked whether a byte/packet/sequence limit wants a
+/// rekey, and how long a peer is not asked again after a rekey was requested.
+const SA_LIMIT_CHECK: Duration = Duration::from_secs(10);
+const REKEY_HOLD_OFF: Duration = Duration::from_secs(30);
 
 /// IKE state of one peer (by NBMA address), for `show dmvpn`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +123,10 @@ struct PeerState {
     failures: BTreeMap<String, u64>,
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// Next NAT keepalive (NAT detected or UDP encapsulation forced, SA established).
+    keepalive_at: Option<Instant>,
+    /// A CHILD SA rekey for SA limits was requested at this time.
+    limit_rekey_at: Option<Instant>,
 }
 
 impl PeerState {
@@ -134,6 +144,8 @@ impl PeerState {
             failures: BTreeMap::new(),
             retry_at: None,
             backoff: MIN_BACKOFF,
+            keepalive_at: None,
+            limit_rekey_at: None,
         }
     }
 
@@ -173,6 +185,7 @@ pub struct Ike {
     send_errors: u64,
     /// NHS NBMA address → its configured tunnel address (identity check at IKE up).
     nhs: BTreeMap<IpAddr, IpAddr>,
+    limit_check_at: Instant,
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
@@ -298,6 +311,7 @@ impl Ike {
             identity_refused: BTreeMap::new(),
             send_errors: 0,
             nhs,
+            limit_check_at: now + SA_LIMIT_CHECK,
         })
     }
 
@@ -307,11 +321,55 @@ impl Ike {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.ep.poll_timeout()
+        self.peers
+            .values()
+            .filter_map(|p| p.keepalive_at)
+            .chain(self.ep.poll_timeout())
+            .chain(std::iter::once(self.limit_check_at))
+            .min()
     }
 
+    /// Runs the endpoint's timers and sends the NAT keepalives that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.ep.handle_timeout(now);
+        for (peer, p) in &mut self.peers {
+            let (Some(at), Some(remote)) = (p.keepalive_at, p.remote) else {
+                continue;
+            };
+            if at > now {
+                continue;
+            }
+            p.keepalive_at = Some(now + NAT_KEEPALIVE);
+            let to = SocketAddr::new(remote.ip(), remote.port());
+            if let Err(e) = self.sock4500.send_to(&dmvpn_esp::udp::NAT_KEEPALIVE, to) {
+                self.send_errors += 1;
+                tracing::debug!(%peer, "NAT keepalive: {e}");
+            }
+        }
+    }
+
+    /// Whether the SA limits are due for a check (see [`Ike::rekey_for_limits`]).
+    pub fn limit_check_due(&self, now: Instant) -> bool {
+        self.limit_check_at <= now
+    }
+
+    /// Rekeys the CHILD SAs of `peers`, whose outbound SAs reached a soft byte, packet or
+    /// sequence number limit (IKE rekeys by time on its own).
+    pub fn rekey_for_limits(&mut self, now: Instant, peers: &[IpAddr]) {
+        self.limit_check_at = now + SA_LIMIT_CHECK;
+        for peer in peers {
+            let Some(p) = self.peers.get_mut(peer) else {
+                continue;
+            };
+            if p.limit_rekey_at.is_some_and(|t| now < t + REKEY_HOLD_OFF) {
+                continue;
+            }
+            p.limit_rekey_at = Some(now);
+            match self.ep.rekey_child(now, *peer) {
+                Ok(()) => tracing::info!(%peer, "rekeying: an SA reached its byte/packet limit"),
+                Err(e) => tracing::debug!(%peer, "rekey for SA limits: {e}"),
+            }
+        }
     }
 
     /// Waits for a datagram on UDP 500.
@@ -483,6 +541,7 @@ impl Ike {
                 p.identity = Some(peer_identity);
                 p.remote = Some(remote);
                 p.nat = nat;
+                p.keepalive_at = (nat && remote.port() == NAT_T_PORT).then(|| now + NAT_KEEPALIVE);
             }
             Event::IkeSaRekeyed { peer } => tracing::info!(%peer, "IKE SA rekeyed"),
             Event::IkeSaDown { peer } => {
@@ -495,6 +554,7 @@ impl Ike {
                 tracing::info!(%peer, "IKE SA down");
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.set("down", now);
+                    p.keepalive_at = None;
                     p.child_sas = 0;
                     p.identity = None;
                     p.started = None;

@@ -632,6 +632,21 @@ impl UserspaceDataPlane {
         ip.sas.queued(p)
     }
 
+    /// Peers whose outbound SA asks for a rekey (a soft byte, packet or sequence number
+    /// limit was reached).
+    pub fn rekey_needed(&self) -> Vec<IpAddr> {
+        let Some(ip) = &self.shared.ipsec else {
+            return Vec::new();
+        };
+        ip.sas
+            .load()
+            .out
+            .iter()
+            .filter(|(_, e)| lock(&e.sa).rekey_needed())
+            .map(|(p, _)| IpAddr::V4(*p))
+            .collect()
+    }
+
     /// Every installed SA with its counters, for `show`.
     pub fn sas(&self) -> Vec<SaInfo> {
         self.shared
