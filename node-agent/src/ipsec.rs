@@ -638,7 +638,15 @@ impl Ike {
         if proven == Some(&Identity::Ip(claim)) {
             return None;
         }
-        let n = self.identity_refused.entry((from_nbma, claim)).or_default();
+        // Bounded like the failure counters: an authenticated peer could make up claims.
+        let key = (from_nbma, claim);
+        if self.identity_refused.len() >= MAX_FAILURE_KEYS
+            && !self.identity_refused.contains_key(&key)
+        {
+            self.failures_overflow += 1;
+            return Some(claim);
+        }
+        let n = self.identity_refused.entry(key).or_default();
         *n += 1;
         if *n == 1 {
             tracing::warn!(

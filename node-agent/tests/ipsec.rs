@@ -576,6 +576,41 @@ fn wrong_psk_is_refused_with_authentication_failed() {
 }
 
 #[test]
+fn disjoint_proposals_fail_with_no_proposal_chosen() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new("n", 2);
+    lab.start(
+        0,
+        "10.42.0.1",
+        &format!("psk = \"{PSK}\"\nproposals = [\"chacha20poly1305\"]"),
+    );
+    lab.start(
+        1,
+        "10.42.0.2",
+        &format!("psk = \"{PSK}\"\nproposals = [\"aes256gcm\"]"),
+    );
+    lab.try_wait_for("NO_PROPOSAL_CHOSEN in show dmvpn", || {
+        lab.show(1, &["dmvpn"]).is_some_and(|d| {
+            ike_peer(&d, "198.51.100.1")
+                .is_some_and(|p| p["last_error_reason"] == "NO_PROPOSAL_CHOSEN")
+        })
+    })
+    .unwrap();
+    assert!(!lab.registered(1));
+    let c = lab.show(1, &["counters"]).unwrap();
+    assert!(
+        c.pointer("/ike/failures")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .any(|f| f["peer"] == "198.51.100.1" && f["reason"] == "NO_PROPOSAL_CHOSEN"),
+        "{c:#}"
+    );
+}
+
+#[test]
 fn certificate_for_another_tunnel_address_is_refused() {
     if !can_run() {
         return;

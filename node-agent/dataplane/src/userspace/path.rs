@@ -802,6 +802,47 @@ mod tests {
         assert_eq!((c.rx_packets, c.nhrp_rx_packets), (3, 1));
     }
 
+    #[test]
+    fn clear_gre_is_dropped_when_ipsec_is_required() {
+        let (mut cfg, t, mut st, mut rx) = setup(false, "10.42.0.1");
+        cfg.require_ipsec = true;
+        let now = Instant::now();
+        let nhrp = [0u8, 1, 8, 0, 0, 0, 0, 0];
+        let gre = GreHeader::with_key(gre::PROTO_NHRP, Some(42)).to_packet(&nhrp);
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        assert_eq!(
+            rx_packet(&cfg, &t.load(), &mut buf, now, &mut st),
+            RxAction::Skip
+        );
+        assert!(rx.try_recv().is_err(), "no NHRP event from clear GRE");
+        // The same GRE packet opened from ESP (rx_gre after decryption) is accepted.
+        let mut buf = outer([198, 51, 100, 2], [198, 51, 100, 1], &gre);
+        let end = buf.len();
+        assert_eq!(
+            rx_gre(
+                &cfg,
+                &t.load(),
+                &mut buf,
+                20,
+                end,
+                Ipv4Addr::new(198, 51, 100, 2),
+                now,
+                &mut st
+            ),
+            RxAction::Skip
+        );
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Event::Nhrp {
+                from_nbma: ip("198.51.100.2"),
+                bytes: nhrp.to_vec()
+            }
+        );
+        let c = counters(&mut st);
+        assert_eq!(c.drops.unprotected, 1);
+        assert_eq!(c.nhrp_rx_packets, 1);
+    }
+
     proptest::proptest! {
         #[test]
         fn ttl_helpers_are_total(mut p in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
