@@ -212,9 +212,12 @@ pub fn endpoint_config(cfg: &Config, nbma: Ipv4Addr) -> anyhow::Result<dmvpn_ike
             let key_pem = pki::read(key).context("ipsec.key")?;
             let cas = pki::certs_from_pem(&ca_pem)
                 .with_context(|| format!("ipsec.ca {}", ca.display()))?;
-            let mut chain = pki::certs_from_pem(&cert_pem)
+            let chain = pki::certs_from_pem(&cert_pem)
                 .with_context(|| format!("ipsec.cert {}", cert.display()))?;
-            let ours = chain.remove(0);
+            // certs_from_pem returns at least one certificate; the first is ours.
+            let Some(ours) = chain.into_iter().next() else {
+                bail!("ipsec.cert {}: no certificate", cert.display());
+            };
             let key_der = pki::key_pkcs8_from_pem(&key_pem)
                 .with_context(|| format!("ipsec.key {}", key.display()))?;
             let ips =
