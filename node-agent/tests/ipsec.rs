@@ -437,6 +437,32 @@ fn psk_hub_and_spokes_only_ike_and_esp_on_the_underlay() {
     let mut lab = Lab::new("p", 3);
     let psk = format!("psk = \"{PSK}\"");
     hub_and_two_spokes(&mut lab, [psk.clone(), psk.clone(), psk]);
+
+    // The shortcut goes away (operator clear): its SA is deleted with it, on both spokes;
+    // the SAs with the hub stay.
+    let sock = lab.sock(1);
+    must(
+        AGENT,
+        &["clear", "nhrp", "cache", "--socket", sock.to_str().unwrap()],
+    );
+    lab.try_wait_for("the spoke-to-spoke SA deleted on both spokes", || {
+        let gone = |i: usize, peer: &str| {
+            lab.show(i, &["dmvpn"]).is_some_and(|d| {
+                !d["ipsec"]["sas"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|s| s["peer"] == peer))
+            })
+        };
+        gone(1, "198.51.100.3") && gone(2, "198.51.100.2")
+    })
+    .unwrap();
+    let d = lab.show(1, &["dmvpn"]).unwrap();
+    assert_eq!(
+        ike_peer(&d, "198.51.100.1").unwrap()["state"],
+        "established",
+        "{d:#}"
+    );
+    assert!(lab.registered(1));
 }
 
 #[test]
