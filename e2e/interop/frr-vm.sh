@@ -276,6 +276,11 @@ ping_until() {  # seconds name src dst cond...
 dump_state() {
   local n
   echo "----- state of $SC"
+  for n in "${!NSOF[@]}"; do
+    case "$n" in nat-*)
+      echo "--- $n conntrack (GRE)"; ip netns exec "${NSOF[$n]}" cat /proc/net/nf_conntrack 2>&1 | grep -E 'gre|unknown|47 ' ;;
+    esac
+  done
   for n in "$@"; do
     if [ -S "$SCD/$n/agent.sock" ]; then
       echo "--- $n (dmvpn-agent): show dmvpn / nhrp cache / nhrp nhs / counters"
