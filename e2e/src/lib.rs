@@ -3,6 +3,7 @@
 //! that `dmvpn-lab check` and the integration tests run.
 
 pub mod agent;
+pub mod bench;
 pub mod checks;
 pub mod cleanup;
 pub mod lab;
