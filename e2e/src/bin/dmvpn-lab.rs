@@ -111,7 +111,6 @@ fn main() -> ExitCode {
             pcap,
         } => underlay(spokes, hubs, hold, pcap),
         Cmd::Bench(args) => dmvpn_e2e::bench::main(&args),
-        Cmd::Bench(args) => dmvpn_e2e::bench::main(&args),
     };
     match res {
         Ok(code) => code,
