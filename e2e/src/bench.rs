@@ -153,6 +153,10 @@ pub struct Sample {
     pub machine_busy: f64,
     /// Packets the hub forwarded during the run (agent paths only).
     pub hub_forwarded: Option<u64>,
+    /// The sender's mean smoothed RTT and largest congestion window (iperf3 `streams[0]`):
+    /// with few retransmits, throughput ≈ cwnd / RTT shows where the time goes.
+    pub mean_rtt_ms: Option<f64>,
+    pub max_cwnd_kib: Option<f64>,
 }
 
 /// Results of one path.
@@ -785,6 +789,8 @@ fn measure(s: &Setup, args: &BenchArgs) -> Result<Sample> {
         iperf_cpu_receiver: num("/end/cpu_utilization_percent/remote_total").unwrap_or(f64::NAN),
         machine_busy,
         hub_forwarded,
+        mean_rtt_ms: num("/end/streams/0/sender/mean_rtt").map(|us| us / 1000.0),
+        max_cwnd_kib: num("/end/streams/0/sender/max_snd_cwnd").map(|b| b / 1024.0),
     })
 }
 
@@ -956,9 +962,9 @@ pub fn markdown(r: &Report, args: &BenchArgs) -> String {
     );
     let _ = writeln!(
         s,
-        "| path | median Gbit/s | min–max | vs routed | vs veth-direct | retransmits (median) | data-path CPU, % of a core (median) | machine busy | TUN offload | tunnel MTU |"
+        "| path | median Gbit/s | min–max | vs routed | vs veth-direct | retransmits (median) | mean RTT ms / max cwnd KiB (median) | data-path CPU, % of a core (median) | machine busy | TUN offload | tunnel MTU |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|---:|---|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|");
     for p in &r.paths {
         let g: Vec<f64> = p.samples.iter().map(|x| x.gbps).collect();
         let lo = g.iter().copied().fold(f64::INFINITY, f64::min);
@@ -966,6 +972,23 @@ pub fn markdown(r: &Report, args: &BenchArgs) -> String {
         let f2 = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.2}"));
         let retr = median(p.samples.iter().map(|x| x.retransmits as f64).collect());
         let busy = median(p.samples.iter().map(|x| x.machine_busy).collect());
+        let rtt = median(
+            p.samples
+                .iter()
+                .map(|x| x.mean_rtt_ms.unwrap_or(f64::NAN))
+                .collect(),
+        );
+        let cwnd = median(
+            p.samples
+                .iter()
+                .map(|x| x.max_cwnd_kib.unwrap_or(f64::NAN))
+                .collect(),
+        );
+        let rtt_cwnd = format!(
+            "{} / {}",
+            rtt.map_or("–".into(), |v| format!("{v:.2}")),
+            cwnd.map_or("–".into(), |v| format!("{v:.0}"))
+        );
         let labels: Vec<String> = p
             .samples
             .first()
@@ -1001,7 +1024,7 @@ pub fn markdown(r: &Report, args: &BenchArgs) -> String {
         };
         let _ = writeln!(
             s,
-            "| {name} | {} | {range} | {} | {} | {} | {cpu} | {} | {} | {} |",
+            "| {name} | {} | {range} | {} | {} | {} | {rtt_cwnd} | {cpu} | {} | {} | {} |",
             f2(p.median_gbps),
             f2(p.ratio_vs_routed),
             f2(p.ratio_vs_veth_direct),
