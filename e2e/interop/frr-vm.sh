@@ -245,7 +245,7 @@ frr_cache_has() {  # name type tunnel nbma
   vty "$1" "show ip nhrp cache" | grep -qE "^gre1 +$2 +$3 +$4 "
 }
 frr_nhs_up() {  # name: the NHS entry resolved to the hub's tunnel address
-  vty "$1" "show ip nhrp nhs" | grep -qE " $HUB_NBMA +$HUB_TUN"
+  vty "$1" "show ip nhrp nhs" | grep -qE " $HUB_NBMA +$HUB_TUN *$"
 }
 frr_shortcut_to() {  # name tunnel nbma: FRR resolved it (shortcut table) and caches that NBMA
   vty "$1" "show ip nhrp shortcut" | grep -qE " $2/32 " && frr_binding_to "$1" "$2" "$3"
