@@ -79,7 +79,7 @@ HOLD=60; PASSWORD=dmvpn42; WRONG=wrong42
 
 # ---- per-scenario state
 SC=; SCD=; SC_NS=(); SC_PIDS=(); SC_CAP=
-declare -A NSOF
+declare -A NSOF PIDOF
 
 node_ns() { dt_ns "$SC-$1"; }
 
@@ -219,7 +219,7 @@ start_ours() {
     "$AGENT" check-config "$X/agent.toml" > "$X/check.out" 2>&1 || { cat "$X/check.out"; return 1; }
   fi
   ip netns exec "$ns" env RUST_LOG=debug "$AGENT" run --config "$X/agent.toml" > "$X/agent.log" 2>&1 &
-  dt_track $!; SC_PIDS+=($!)
+  dt_track $!; SC_PIDS+=($!); PIDOF[$name]=$!
   wait_for 15 test -S "$X/agent.sock" || echo "WARNING: agent $name has no control socket after 15 s"
 }
 
@@ -370,6 +370,14 @@ run_frrhub() {  # name auth nat(0|1: our spoke behind NAT)
   if [ -n "$auth" ]; then
     check "wrong password: FRR hub does not cache our spoke $S3_TUN" not frr_cache_has hub dynamic $S3_TUN $S3_NBMA
     check "wrong password: our spoke's NHS is not registered" not our_nhs_up s3
+  fi
+  # Informational: our spoke purges its registration when stopped; whether FRR acts on a
+  # Purge Request is FRR's business (not a check of ours).
+  kill -TERM "${PIDOF[s1]}" 2>/dev/null
+  if wait_for 8 not frr_cache_has hub dynamic $S1_TUN $s1p; then
+    echo "INFO $SC: FRR hub dropped our spoke after our Purge Request"
+  else
+    echo "INFO $SC: FRR hub still caches our spoke 8 s after our Purge Request ($(grep -c 'Purge' "$SCD/hub/nhrpd.log") Purge lines in its log)"
   fi
   scenario_end "$f0"
 }
