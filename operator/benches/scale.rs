@@ -33,7 +33,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async move {
         let lab = Lab::start_with(FakeApiConfig {
-            history: 50_000,
+            history: 5_000,
             bookmark_interval: Duration::from_secs(5),
         })
         .await;
@@ -101,6 +101,13 @@ fn main() {
             "peak RSS (VmHWM, whole process): {:.1} MiB",
             hwm as f64 / 1024.0
         );
+        for line in op.metrics.encode().lines() {
+            if line.starts_with("dmvpn_operator_reconcil")
+                || line.starts_with("dmvpn_operator_allocation_conflicts")
+            {
+                println!("{line}");
+            }
+        }
         agents.cancel();
         op.shutdown().await.expect("clean shutdown");
     });

@@ -406,9 +406,12 @@ async fn invalid_specs_are_reported_on_the_field() {
     lab.create_spoke("second", "hub-a", "10.1.2.0/24").await;
     // Prefix overlapping the tunnel network.
     lab.create_spoke("in-tunnel", "hub-a", "10.42.0.0/16").await;
-    // The small network has room for the hub and one spoke only.
+    // The small network has room for the hub and one spoke only; the first takes it.
     lab.create_spoke("small-1", "small", "10.100.2.0/24").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    lab.wait_spokes(WAIT, "small-1 Ready", |l| {
+        l.iter().any(|s| s.name_any() == "small-1" && is_ready(s))
+    })
+    .await;
     lab.create_spoke("small-2", "small", "10.100.3.0/24").await;
     // A fixed address another spoke holds, and a secondary hub that does not exist.
     lab.create_spoke_json(
