@@ -83,6 +83,8 @@ fn three_spokes_register() {
     let (_, _, rep) = s.received_ops(spokes[0], Op::RegistrationReply)[0];
     let rm = rep.mandatory().unwrap();
     assert_eq!(rm.request_id, m.request_id);
+    // FRR and Cisco learn the NHS's protocol address from the reply's destination field.
+    assert_eq!(rm.dst_proto, Some(ip("10.42.0.1")));
     assert!(rm.cies.iter().all(|c| c.code == cie_code::SUCCESS));
     assert!(rep.extensions.iter().any(|e| matches!(
         &e.body,

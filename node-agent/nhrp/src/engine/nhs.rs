@@ -218,7 +218,9 @@ impl Engine {
                 m.request_id,
                 m.src_nbma,
                 m.src_proto,
-                m.dst_proto,
+                // FRR and Cisco learn the NHS's protocol address from this field (a spoke with
+                // a dynamic NHS registers to itself and would otherwise learn its own address).
+                Some(self.cfg.tunnel_address),
                 cies,
             ),
             extensions: exts,
@@ -569,7 +571,17 @@ impl Engine {
             self.install_shortcut(host(src), src, to, ht, super::cache::Origin::Answered, src);
         }
         let nat = self.nhs.iter().find_map(|n| n.nat_nbma);
-        self.send_resolution_reply(to, pkt, cie, nat);
+        // A requester behind NAT gets the reply back through the NHS that forwarded the
+        // request (as FRR does): an unsolicited packet to its public address would create a
+        // NAT mapping that clashes with the requester's own first packet to us.
+        let requester_natted = nat_nbma_for(pkt, src)
+            .is_some_and(|n| pkt.mandatory().and_then(|m| m.src_nbma) != Some(n));
+        let via = if self.cfg.role != Role::Hub && from != to && requester_natted {
+            from
+        } else {
+            to
+        };
+        self.send_resolution_reply(via, pkt, cie, nat);
     }
 
     /// Authoritative Resolution Reply on behalf of registered client `owner`.
