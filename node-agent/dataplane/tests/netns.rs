@@ -698,3 +698,133 @@ fn kernel_ip_gre_interop() {
     let c = hub.counters();
     assert_eq!(c.drops.bad_gre + c.drops.wrong_key, 0, "{c:?}");
 }
+
+/// A UDP socket bound to `addr:4500` inside namespace `ns` (a socket keeps the namespace
+/// it was created in), for the data plane's ESP-in-UDP.
+fn udp4500_in(ns: &str, addr: Ipv4Addr) -> Arc<std::net::UdpSocket> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        Arc::new(std::net::UdpSocket::bind((addr, 4500)).unwrap())
+    })
+    .join()
+    .unwrap()
+}
+
+/// Spokes A (198.51.100.2) and B (.3) on a bridged underlay with static AES-256-GCM SAs
+/// both ways (raw ESP, or ESP-in-UDP with `udp`), direct neighbours, IPsec required.
+fn esp_pair(tag: &str, udp: bool) -> (Node, Node, String, String, Namespaces) {
+    use dmvpn_esp::{SecurityAssociation, Suite};
+    let p = format!("dpt{}{tag}", std::process::id());
+    let (sw, na, nb) = (format!("{p}-sw"), format!("{p}-a"), format!("{p}-b"));
+    let mut nss = Namespaces(Vec::new());
+    nss.add(&sw);
+    run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+    run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+    let mut nodes = Vec::new();
+    for (i, ns) in [&na, &nb].into_iter().enumerate() {
+        nss.add(ns);
+        let port = format!("p{i}");
+        run(&[
+            "ip", "-n", ns, "link", "add", "e0", "type", "veth", "peer", "name", &port, "netns",
+            &sw,
+        ]);
+        run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+        let nbma = Ipv4Addr::new(198, 51, 100, 2 + i as u8);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{nbma}/24"),
+            "dev",
+            "e0",
+        ]);
+        run(&["ip", "-n", ns, "link", "set", "e0", "up"]);
+        let mut cfg = config(
+            &format!("10.42.0.{}/24", 2 + i),
+            &format!("fd00:42::{}/64", 2 + i),
+            nbma.octets(),
+            false,
+            true,
+        );
+        cfg.extra_overhead = dmvpn_dataplane::ESP_OVERHEAD;
+        cfg.ipsec = Some(dmvpn_dataplane::IpsecDataConfig {
+            require: true,
+            nat_t_socket: udp.then(|| udp4500_in(ns, nbma)),
+        });
+        nodes.push(Node::start(ns, cfg));
+    }
+    let b = nodes.pop().unwrap();
+    let a = nodes.pop().unwrap();
+    let sa = |spi: u32| SecurityAssociation::new(spi, Suite::Aes256Gcm, &[spi as u8; 36]).unwrap();
+    let port = udp.then_some(4500);
+    for (node, me, peer, out_spi, in_spi) in [
+        (&a, "10.42.0.2", "198.51.100.3", 0x1000u32, 0x2000u32),
+        (&b, "10.42.0.3", "198.51.100.2", 0x2000, 0x1000),
+    ] {
+        let (o, i) = (sa(out_spi), sa(in_spi));
+        let peer_ip = ip(peer);
+        node.run(move |c| {
+            let now = Instant::now();
+            c.dp.install_outbound(peer_ip, o.into_outbound(now).unwrap(), port)
+                .unwrap();
+            c.dp.install_inbound(peer_ip, i.into_inbound(now).unwrap())
+                .unwrap();
+        });
+        let other = if me == "10.42.0.2" {
+            "10.42.0.3"
+        } else {
+            "10.42.0.2"
+        };
+        node.set_neighbor(other, peer);
+    }
+    (a, b, na, nb, nss)
+}
+
+/// User + system CPU time of this process in clock ticks (1/100 s on Linux).
+fn process_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the ")" that ends the command name: utime and stime are the 12th
+    // and 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Encrypted spoke-to-spoke throughput (TCP, iperf3, 3 s), raw ESP and ESP-in-UDP. Prints
+/// the rates; asserts only that the traffic was ESP in the expected wire format. Run it
+/// on purpose: `cargo test --release -p dmvpn-dataplane --test netns -- --ignored
+/// --nocapture iperf3_throughput_esp`.
+#[test]
+#[ignore = "measurement, not a check: run with --ignored --nocapture"]
+fn iperf3_throughput_esp() {
+    if !have_tools("iperf3_throughput_esp", &["ip", "iperf3"]) {
+        return;
+    }
+    for (tag, udp) in [("er", false), ("eu", true)] {
+        let (a, b, na, nb, _nss) = esp_pair(tag, udp);
+        let cpu0 = process_cpu_ticks();
+        let rate = iperf(&na, &nb, "10.42.0.3");
+        let cpu = process_cpu_ticks() - cpu0;
+        let sas = b.run(|c| c.dp.sas());
+        let inbound = sas.iter().find(|s| s.direction == "inbound").unwrap();
+        assert!(inbound.packets > 1000, "ESP carried the traffic: {sas:?}");
+        let out = a.run(|c| c.dp.sas());
+        let o = out.iter().find(|s| s.direction == "outbound").unwrap();
+        assert_eq!(o.udp_encap, udp);
+        let mb = b.counters().tun_tx_bytes as f64 / 1e6;
+        // Both data planes (this process) per MB delivered: a figure that depends less
+        // on how busy the machine is than the rate.
+        println!(
+            "{}: {rate}\n  data-plane CPU {:.2} s for {mb:.0} MB: {:.2} ms/MB\n  B counters: {}",
+            if udp { "ESP-in-UDP" } else { "raw ESP" },
+            cpu as f64 / 100.0,
+            cpu as f64 * 10.0 / mb,
+            serde_json::to_string(&b.counters()).unwrap()
+        );
+        drop((a, b));
+    }
+}

@@ -31,6 +31,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -215,6 +216,8 @@ struct Shared {
 struct Ipsec {
     esp: AsyncFd<Socket>,
     udp: Option<(AsyncFd<Socket>, SocketAddr)>,
+    /// UDP GSO works on the UDP socket (cleared on the first refusal).
+    udp_gso: AtomicBool,
     sas: SaTables,
     require: bool,
 }
@@ -336,12 +339,19 @@ impl UserspaceDataPlane {
                         let local = u.local_addr().map_err(io)?;
                         let dup = Socket::from(u.try_clone().map_err(io)?);
                         dup.set_nonblocking(true).map_err(io)?;
+                        // UDP GRO: a burst of ESP-in-UDP datagrams (a GSO send from the
+                        // peer) arrives as one buffer, split in `rx_loop`. Optional.
+                        use nix::sys::socket::{setsockopt, sockopt};
+                        if let Err(e) = setsockopt(&dup, sockopt::UdpGroSegment, &true) {
+                            tracing::info!(error = %e, "UDP GRO unavailable on the 4500 socket");
+                        }
                         Some((register(dup)?, local))
                     }
                 };
                 Some(Ipsec {
                     esp: register(esp)?,
                     udp,
+                    udp_gso: AtomicBool::new(true),
                     sas: SaTables::default(),
                     require: ic.require,
                 })
@@ -768,8 +778,16 @@ async fn send_staged(
     bufs: &[Box<[u8]>],
     staged: &[Staged],
     st: &mut TaskState,
+    gso: Option<&AtomicBool>,
 ) {
-    let n = staged.len().min(MAX_SEND);
+    // With UDP GRO on the receive side a batch can hold more packets than one call takes.
+    if staged.len() > MAX_SEND {
+        for chunk in staged.chunks(MAX_SEND) {
+            Box::pin(send_staged(sock, bufs, chunk, st, gso)).await;
+        }
+        return;
+    }
+    let n = staged.len();
     if n == 0 {
         return;
     }
@@ -797,7 +815,23 @@ async fn send_staged(
                 return;
             }
         };
-        match guard.try_io(|fd| mmsg::send_v4(fd.as_fd(), rest)) {
+        let use_gso = gso.is_some_and(|g| g.load(Ordering::Relaxed));
+        let r = guard.try_io(|fd| {
+            if use_gso {
+                mmsg::send_v4_gso(fd.as_fd(), rest)
+            } else {
+                mmsg::send_v4(fd.as_fd(), rest)
+            }
+        });
+        match r {
+            Ok(Err(e)) if use_gso && gso_unsupported(&e) => {
+                // This kernel or route cannot segment UDP (e.g. an xfrm policy on the
+                // route): send datagram by datagram from now on.
+                tracing::info!(error = %e, "UDP GSO refused; sending ESP-in-UDP unsegmented");
+                if let Some(g) = gso {
+                    g.store(false, Ordering::Relaxed);
+                }
+            }
             Ok(Ok(sent)) => {
                 for (pkt, _) in rest.iter().take(sent) {
                     st.batch.add(Field::TxPackets, 1);
@@ -817,6 +851,14 @@ async fn send_staged(
     }
 }
 
+/// Errors of a UDP GSO send that mean "not supported here" rather than "this datagram".
+fn gso_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
+}
+
 /// Sends GRE packets: in clear, or sealed in place with each peer's outbound SA and split
 /// by how the SA leaves (raw ESP or ESP-in-UDP).
 async fn send_gre(
@@ -827,7 +869,7 @@ async fn send_gre(
     st: &mut TaskState,
 ) {
     let Some(ip) = &shared.ipsec else {
-        send_staged(&shared.sock, bufs, staged, st).await;
+        send_staged(&shared.sock, bufs, staged, st, None).await;
         return;
     };
     let Scratch { raw, udp, clear } = out;
@@ -898,10 +940,10 @@ async fn send_gre(
             }
         }
     }
-    send_staged(&ip.esp, bufs, raw, st).await;
-    send_staged(&shared.sock, bufs, clear, st).await;
+    send_staged(&ip.esp, bufs, raw, st, None).await;
+    send_staged(&shared.sock, bufs, clear, st, None).await;
     if let Some((sock, _)) = &ip.udp {
-        send_staged(sock, bufs, udp, st).await;
+        send_staged(sock, bufs, udp, st, Some(&ip.udp_gso)).await;
     }
 }
 
@@ -1126,18 +1168,16 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState, kind: RxKind) {
         .collect();
     let mut lens = [0usize; BATCH];
     let mut froms = [SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); BATCH];
-    let mut actions = [RxAction::Skip; BATCH];
+    // UDP GRO: the segment size of each received buffer (0: one datagram).
+    let mut segs = [0usize; BATCH];
+    // What to do with each packet (several per buffer with UDP GRO): (buffer, action).
+    let mut actions: Vec<(usize, RxAction)> = Vec::with_capacity(BATCH);
     let mut staged: Vec<Staged> = Vec::with_capacity(BATCH);
     let mut scratch = Scratch::new(BATCH);
     // Offload: inner packets behind room for the virtio-net header, coalesced by GRO.
     let vhl = tun_rs::VIRTIO_NET_HDR_LEN;
-    let mut tun_out: Vec<Vec<u8>> = if shared.offload {
-        (0..BATCH)
-            .map(|_| Vec::with_capacity(vhl + RX_BUF))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // Grown on demand (UDP GRO can yield more packets than buffers), then reused.
+    let mut tun_out: Vec<Vec<u8>> = Vec::new();
     let mut gro = tun_rs::GROTable::new();
     let mut rx_error_logged = false;
     loop {
@@ -1149,9 +1189,14 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState, kind: RxKind) {
             }
         };
         let r = guard.try_io(|fd| match kind {
-            RxKind::Udp => {
-                mmsg::recv_from_v4(fd.as_fd(), &mut bufs, UDP_RX_OFFSET, &mut lens, &mut froms)
-            }
+            RxKind::Udp => mmsg::recv_from_v4(
+                fd.as_fd(),
+                &mut bufs,
+                UDP_RX_OFFSET,
+                &mut lens,
+                &mut froms,
+                &mut segs,
+            ),
             _ => mmsg::recv(fd.as_fd(), &mut bufs, &mut lens),
         });
         let n = match r {
@@ -1175,14 +1220,16 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState, kind: RxKind) {
             let snap = shared.tables.load();
             let sas = shared.ipsec.as_ref().map(|ip| ip.sas.load());
             let mut run = None;
-            for (((buf, len), action), from) in bufs
+            actions.clear();
+            for (i, (((buf, len), from), seg)) in bufs
                 .iter_mut()
                 .zip(lens.iter())
-                .zip(actions.iter_mut())
                 .zip(froms.iter())
+                .zip(segs.iter())
                 .take(n)
+                .enumerate()
             {
-                *action = RxAction::Skip;
+                let action = &mut RxAction::Skip;
                 match (kind, &sas) {
                     (RxKind::Gre, _) => {
                         *action = match buf.get_mut(..*len) {
@@ -1207,57 +1254,76 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState, kind: RxKind) {
                         }
                     }
                     (RxKind::Udp, Some(sas)) => {
-                        let end = UDP_RX_OFFSET + *len;
-                        let Some(payload) = buf.get(UDP_RX_OFFSET..end) else {
-                            continue;
-                        };
-                        match dmvpn_esp::udp::classify_udp_4500(payload) {
-                            Ok(dmvpn_esp::udp::Udp4500::Keepalive) => {}
-                            Ok(dmvpn_esp::udp::Udp4500::Ike(_)) => {
-                                st.batch.add(Field::IkeRx, 1);
-                                st.emit(Event::Ike {
-                                    from: SocketAddr::V4(*from),
-                                    local: udp_local,
-                                    payload: payload.to_vec(),
-                                });
-                            }
-                            Ok(dmvpn_esp::udp::Udp4500::Esp(_)) => {
-                                if let Some((gs, ge, peer)) = open_esp(
-                                    sas,
-                                    &mut run,
-                                    buf,
-                                    UDP_RX_OFFSET,
-                                    end,
-                                    *from.ip(),
-                                    now,
-                                    &mut st,
-                                ) {
-                                    *action = path::rx_gre(
-                                        &shared.path,
-                                        &snap,
+                        // Each coalesced datagram in turn (one if no GRO); each opened in
+                        // place. A segment's ESP header and the tail of the one before
+                        // leave room in front of it for hub forwarding.
+                        let total_end = UDP_RX_OFFSET + *len;
+                        let seg = if *seg == 0 { *len } else { *seg };
+                        let mut start = UDP_RX_OFFSET;
+                        loop {
+                            let end = start.saturating_add(seg).min(total_end);
+                            let Some(payload) = buf.get(start..end) else {
+                                break;
+                            };
+                            let mut action = RxAction::Skip;
+                            match dmvpn_esp::udp::classify_udp_4500(payload) {
+                                Ok(dmvpn_esp::udp::Udp4500::Keepalive) => {}
+                                Ok(dmvpn_esp::udp::Udp4500::Ike(_)) => {
+                                    st.batch.add(Field::IkeRx, 1);
+                                    st.emit(Event::Ike {
+                                        from: SocketAddr::V4(*from),
+                                        local: udp_local,
+                                        payload: payload.to_vec(),
+                                    });
+                                }
+                                Ok(dmvpn_esp::udp::Udp4500::Esp(_)) => {
+                                    if let Some((gs, ge, peer)) = open_esp(
+                                        sas,
+                                        &mut run,
                                         buf,
-                                        gs,
-                                        ge,
-                                        peer,
+                                        start,
+                                        end,
+                                        *from.ip(),
                                         now,
                                         &mut st,
-                                    );
+                                    ) {
+                                        action = path::rx_gre(
+                                            &shared.path,
+                                            &snap,
+                                            buf,
+                                            gs,
+                                            ge,
+                                            peer,
+                                            now,
+                                            &mut st,
+                                        );
+                                    }
                                 }
+                                Err(e) => st.drop_pkt(
+                                    DropReason::EspInvalid,
+                                    Some(IpAddr::V4(*from.ip())),
+                                    &e,
+                                ),
                             }
-                            Err(e) => st.drop_pkt(
-                                DropReason::EspInvalid,
-                                Some(IpAddr::V4(*from.ip())),
-                                &e,
-                            ),
+                            if action != RxAction::Skip {
+                                actions.push((i, action));
+                            }
+                            if end >= total_end || end <= start {
+                                break;
+                            }
+                            start = end;
                         }
                     }
                     _ => {}
                 }
+                if *action != RxAction::Skip {
+                    actions.push((i, *action));
+                }
             }
         }
         let (mut n_out, mut out_bytes) = (0usize, 0u64);
-        for (i, action) in actions.iter().take(n).enumerate() {
-            match *action {
+        for &(i, action) in &actions {
+            match action {
                 RxAction::Skip => {}
                 RxAction::Forward { start, end, to } => staged.push(Staged {
                     buf: i,
@@ -1271,6 +1337,9 @@ async fn rx_loop(shared: Arc<Shared>, mut st: TaskState, kind: RxKind) {
                         continue;
                     };
                     if shared.offload {
+                        if tun_out.len() <= n_out {
+                            tun_out.push(Vec::with_capacity(vhl + 2048));
+                        }
                         if let Some(out) = tun_out.get_mut(n_out) {
                             out.clear();
                             out.resize(vhl, 0);
