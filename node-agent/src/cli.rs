@@ -1,9 +1,12 @@
-//! Command line: `run`, `check-config`, and the `show`/`clear` clients of the control socket.
+//! Command line: `run`, `check-config`, the `show`/`clear` clients of the control socket, and
+//! `cert` (the files around the shared `dmvpn-pki` issuing code).
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
+use dmvpn_pki::{CertificateAuthority, Identity, IdentityKind, PkiError};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -82,7 +85,7 @@ pub enum CertCommand {
         #[arg(long, default_value = "kube-dmvpn CA")]
         name: String,
         /// Validity in days.
-        #[arg(long, default_value_t = crate::pki::DEFAULT_CA_DAYS)]
+        #[arg(long, default_value_t = DEFAULT_CA_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
         /// Overwrite existing files.
         #[arg(long)]
@@ -96,15 +99,19 @@ pub enum CertCommand {
         ca: PathBuf,
         /// The node's tunnel address (its IKE identity; peers check NHRP claims against it).
         #[arg(long, value_name = "IP")]
-        tunnel_address: std::net::IpAddr,
-        /// Node name (certificate CN and DNS name, file names).
+        tunnel_address: IpAddr,
+        /// Node name: certificate CN, URI `dmvpn://KIND/NAME`, DNS name `NAME.KIND.dmvpn`, file
+        /// names.
         #[arg(long)]
         name: String,
+        /// What the node is: `hub` or `spoke` (in the URI and DNS name).
+        #[arg(long, default_value = "spoke")]
+        kind: IdentityKind,
         /// Directory to write into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Validity in days.
-        #[arg(long, default_value_t = crate::pki::DEFAULT_NODE_DAYS)]
+        #[arg(long, default_value_t = DEFAULT_NODE_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
         /// Overwrite existing files.
         #[arg(long)]
@@ -112,23 +119,145 @@ pub enum CertCommand {
     },
 }
 
+/// Default CA validity (`cert ca --days`).
+pub const DEFAULT_CA_DAYS: u32 = 3650;
+/// Default node certificate validity (`cert issue --days`).
+pub const DEFAULT_NODE_DAYS: u32 = 365;
+/// File names inside a CA directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// Why a `cert` command failed. Messages name the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> CertError {
+    CertError::File {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn days(d: u32) -> Duration {
+    Duration::from_secs(u64::from(d) * 86_400)
+}
+
+fn read_file(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))
+}
+
+fn create_dir(dir: &Path) -> Result<(), CertError> {
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, format!("cannot create: {e}")))
+}
+
+/// Writes a file that must not exist yet (unless `force`); keys get mode 0600.
+fn write_new(path: &Path, text: &str, secret: bool, force: bool) -> Result<(), CertError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(if secret { 0o600 } else { 0o644 });
+    if force {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    let mut f = o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            file_err(path, "exists already; remove it or pass --force")
+        } else {
+            file_err(path, format!("cannot create: {e}"))
+        }
+    })?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| file_err(path, format!("cannot write: {e}")))
+}
+
+/// `cert ca`: writes `ca.pem` and `ca.key` into `dir` (created if needed).
+fn cert_ca(dir: &Path, name: &str, valid_days: u32, force: bool) -> Result<String, CertError> {
+    create_dir(dir)?;
+    let ca = CertificateAuthority::generate(name, SystemTime::now(), days(valid_days))?;
+    let cert = dir.join(CA_CERT_FILE);
+    let key = dir.join(CA_KEY_FILE);
+    write_new(&key, ca.key_pem(), true, force)?;
+    write_new(&cert, ca.cert_pem(), false, force)?;
+    Ok(format!(
+        "CA certificate {}\nCA key         {} (keep it secret; needed only to issue)\n",
+        cert.display(),
+        key.display()
+    ))
+}
+
+/// `cert issue`: reads the CA from `ca_dir`, writes `<name>.pem`, `<name>.key` and a copy of
+/// `ca.pem` into `out`; returns the `[ipsec]` section that uses them.
+fn cert_issue(
+    ca_dir: &Path,
+    id: &Identity,
+    out: &Path,
+    valid_days: u32,
+    force: bool,
+) -> Result<String, CertError> {
+    let ca_cert = ca_dir.join(CA_CERT_FILE);
+    let ca_key = ca_dir.join(CA_KEY_FILE);
+    let ca = CertificateAuthority::from_pem(&read_file(&ca_cert)?, &read_file(&ca_key)?).map_err(
+        |e| {
+            file_err(
+                ca_dir,
+                format!(
+                    "not a CA made by `dmvpn-agent cert ca` ({CA_CERT_FILE}, {CA_KEY_FILE}): {e}"
+                ),
+            )
+        },
+    )?;
+    // Issued (and the name checked) before anything is written.
+    let node = ca.issue(id, SystemTime::now(), days(valid_days))?;
+    create_dir(out)?;
+    let cert = out.join(format!("{}.pem", id.name));
+    let key = out.join(format!("{}.key", id.name));
+    let ca_copy = out.join(CA_CERT_FILE);
+    write_new(&key, &node.key_pem, true, force)?;
+    write_new(&cert, &node.cert_pem, false, force)?;
+    if ca_copy != ca_cert {
+        write_new(&ca_copy, ca.cert_pem(), false, true)?;
+    }
+    Ok(format!(
+        "[ipsec]\nauth = \"certificate\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        ca_copy.display(),
+        cert.display(),
+        key.display()
+    ))
+}
+
 /// Runs a `cert` command; returns the text to print.
-pub fn cert(cmd: &CertCommand) -> Result<String, crate::pki::PkiError> {
+pub fn cert(cmd: &CertCommand) -> Result<String, CertError> {
     match cmd {
         CertCommand::Ca {
             out,
             name,
             days,
             force,
-        } => crate::pki::cmd_ca(out, name, *days, *force),
+        } => cert_ca(out, name, *days, *force),
         CertCommand::Issue {
             ca,
             tunnel_address,
             name,
+            kind,
             out,
             days,
             force,
-        } => crate::pki::cmd_issue(ca, name, *tunnel_address, out, *days, *force),
+        } => {
+            let id = Identity {
+                kind: *kind,
+                namespace: None,
+                name: name.clone(),
+                tunnel_address: *tunnel_address,
+            };
+            cert_issue(ca, &id, out, *days, *force)
+        }
     }
 }
 
@@ -382,5 +511,112 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains('\n'));
+    }
+
+    fn run_cert(args: &[&str]) -> Result<String, CertError> {
+        let TopCommand::Cert { what } = parse(args).command else {
+            panic!("not cert")
+        };
+        cert(&what)
+    }
+
+    #[test]
+    fn cert_files_modes_names_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        run_cert(&["dmvpn-agent", "cert", "ca", "--out", d]).unwrap();
+        let e = run_cert(&["dmvpn-agent", "cert", "ca", "--out", d]).unwrap_err();
+        assert!(e.to_string().contains("--force"), "{e}");
+        run_cert(&["dmvpn-agent", "cert", "ca", "--out", d, "--force"]).unwrap();
+        let out = dir.path().join("out");
+        let o = out.to_str().unwrap();
+        let issue = |name: &str, extra: &[&str]| {
+            let mut a = vec![
+                "dmvpn-agent",
+                "cert",
+                "issue",
+                "--ca",
+                d,
+                "--tunnel-address",
+                "10.42.0.1",
+                "--name",
+                name,
+                "--out",
+                o,
+            ];
+            a.extend_from_slice(extra);
+            run_cert(&a)
+        };
+        let snippet = issue("hub1", &["--kind", "hub"]).unwrap();
+        assert!(snippet.contains("auth = \"certificate\""), "{snippet}");
+        assert!(
+            snippet.contains(&format!("cert = \"{o}/hub1.pem\"")),
+            "{snippet}"
+        );
+        let info = dmvpn_pki::verify(
+            &std::fs::read_to_string(out.join("hub1.pem")).unwrap(),
+            &std::fs::read_to_string(out.join(CA_CERT_FILE)).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(
+            info.ip_addresses,
+            vec!["10.42.0.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(info.uris, vec!["dmvpn://hub/hub1".to_owned()]);
+        assert_eq!(info.dns_names, vec!["hub1.hub.dmvpn".to_owned()]);
+        let key_mode = std::fs::metadata(out.join("hub1.key"))
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap();
+        assert_eq!(key_mode, 0o600);
+        // The default kind is spoke.
+        issue("spoke1", &[]).unwrap();
+        let info =
+            dmvpn_pki::inspect(&std::fs::read_to_string(out.join("spoke1.pem")).unwrap()).unwrap();
+        assert_eq!(info.dns_names, vec!["spoke1.spoke.dmvpn".to_owned()]);
+        // A name that is no DNS label is refused before any file is written.
+        let e = issue("../x", &[]).unwrap_err();
+        assert!(e.to_string().contains("DNS labels"), "{e}");
+        assert!(!dir.path().join("x.key").exists());
+        // A directory without a CA names the file.
+        let e = run_cert(&[
+            "dmvpn-agent",
+            "cert",
+            "issue",
+            "--ca",
+            o,
+            "--tunnel-address",
+            "10.42.0.1",
+            "--name",
+            "n",
+            "--out",
+            o,
+        ])
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("ca.key") && e.to_string().contains("cannot read"),
+            "{e}"
+        );
+        assert!(
+            Cli::try_parse_from(["dmvpn-agent", "cert", "ca", "--out", d, "--days", "0"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "dmvpn-agent",
+                "cert",
+                "issue",
+                "--ca",
+                d,
+                "--tunnel-address",
+                "10.42.0.1",
+                "--name",
+                "n",
+                "--out",
+                o,
+                "--kind",
+                "router",
+            ])
+            .is_err()
+        );
     }
 }

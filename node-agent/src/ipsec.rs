@@ -17,11 +17,11 @@ use dmvpn_ike::{
     AuthConfig, ChildSaKeys, Endpoint, Event, FailReason, IKE_PORT, Identity, NAT_T_PORT,
 };
 use dmvpn_nhrp::wire::{Body, ExtensionBody, Op, Packet};
+use dmvpn_pki as pki;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::config::{Cipher, Config, DhGroup, IpsecAuth};
-use crate::pki;
 
 /// First retry delay after a failed negotiation; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(2);
@@ -207,9 +207,13 @@ pub fn endpoint_config(cfg: &Config, nbma: Ipv4Addr) -> anyhow::Result<dmvpn_ike
             Identity::Ip(IpAddr::V4(nbma)),
         ),
         Some(IpsecAuth::Certificate { ca, cert, key }) => {
-            let ca_pem = pki::read(ca).context("ipsec.ca")?;
-            let cert_pem = pki::read(cert).context("ipsec.cert")?;
-            let key_pem = pki::read(key).context("ipsec.key")?;
+            let read = |what: &str, path: &std::path::Path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("{what} {}: cannot read", path.display()))
+            };
+            let ca_pem = read("ipsec.ca", ca)?;
+            let cert_pem = read("ipsec.cert", cert)?;
+            let key_pem = read("ipsec.key", key)?;
             let cas = pki::certs_from_pem(&ca_pem)
                 .with_context(|| format!("ipsec.ca {}", ca.display()))?;
             let chain = pki::certs_from_pem(&cert_pem)
@@ -220,8 +224,9 @@ pub fn endpoint_config(cfg: &Config, nbma: Ipv4Addr) -> anyhow::Result<dmvpn_ike
             };
             let key_der = pki::key_pkcs8_from_pem(&key_pem)
                 .with_context(|| format!("ipsec.key {}", key.display()))?;
-            let ips =
-                pki::san_ips(&ours).with_context(|| format!("ipsec.cert {}", cert.display()))?;
+            let ips = pki::inspect_der(&ours)
+                .with_context(|| format!("ipsec.cert {}", cert.display()))?
+                .ip_addresses;
             // Our identity is the certificate's tunnel address: peers check NHRP claims
             // against it.
             let Some(id) = ips.first().copied() else {

@@ -6,7 +6,6 @@ pub mod config;
 pub mod control;
 pub mod ipsec;
 pub mod kernel;
-pub mod pki;
 pub mod render;
 pub mod routes;
 pub mod view;

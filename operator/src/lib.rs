@@ -1,6 +1,6 @@
 //! The kube-dmvpn operator: tunnel address allocation, the certificate authority, status.
 //!
-//! - [`pki`]: certificate issuance (reusable outside the operator);
+//! - [`pki`]: certificate issuance, the `dmvpn-pki` crate (shared with the agent's CLI);
 //! - [`ipam`]: tunnel address allocation records;
 //! - [`certs`]: CA and site certificate secrets;
 //! - [`reconcile`]: the DmvpnHub / DmvpnSpoke reconcilers;
@@ -16,11 +16,12 @@ pub mod http;
 pub mod ipam;
 pub mod leader;
 pub mod metrics;
-pub mod pki;
 pub mod reconcile;
 pub mod run;
 #[cfg(feature = "fake-api")]
 pub mod testing;
 
 pub use context::Settings;
+/// Certificate issuance lives in `dmvpn-pki`, shared with `dmvpn-agent cert`.
+pub use dmvpn_pki as pki;
 pub use run::{Options, RunError, run};

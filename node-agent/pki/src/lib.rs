@@ -1,21 +1,24 @@
 //! Certificate issuance for DMVPN identities: an ECDSA P-256 CA and leaf certificates whose
 //! identity carries the tunnel address.
 //!
-//! Used by the operator and meant to be reused by the agent's standalone CLI. Nothing here
-//! reads the clock: every function takes `now`.
+//! One implementation for the operator (site certificate secrets) and the agent's standalone
+//! `dmvpn-agent cert` commands and IKE credential loading; it has no Kubernetes dependency.
+//! Nothing here reads the clock or touches files: every function takes `now` and PEM text.
 //!
 //! A leaf certificate carries:
 //! - subject CN = the object name;
 //! - SAN IP = the tunnel address (the IKE identity peers check);
 //! - SAN URI = `dmvpn://<kind>/<name>` and SAN DNS `<name>.<kind>.dmvpn` (the Kubernetes object
-//!   it belongs to; `<kind>` is `hub` or `spoke`);
+//!   or standalone node it belongs to; `<kind>` is `hub` or `spoke`);
 //! - EKU id-kp-ipsecIKE (1.3.6.1.5.5.7.3.17), serverAuth and clientAuth.
 //!
 //! Rotation: a certificate is renewed once 2/3 of its lifetime has passed. The old one stays valid
 //! until it expires (the remaining third is the overlap in which both are accepted, since both
 //! chain to the same CA).
 
+use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
@@ -59,6 +62,50 @@ pub enum PkiError {
     Time(SystemTime),
     #[error("certificate lifetime must be at least {min:?}, got {got:?}")]
     Lifetime { min: Duration, got: Duration },
+    #[error(
+        "name {name:?} cannot be used in a certificate: {why}; use DNS labels of 1 to 63 \
+         letters, digits and '-', separated by '.'"
+    )]
+    Name { name: String, why: &'static str },
+}
+
+/// The longest DNS name (RFC 1035), here `<name>[.<namespace>].<kind>.dmvpn`.
+const MAX_DNS_NAME: usize = 253;
+
+/// Checks that the identity makes a valid DNS SAN (which also makes `name` a safe file name
+/// for the CLI: no '/', no leading '.').
+fn check_names(id: &Identity) -> Result<(), PkiError> {
+    let err = |why| {
+        Err(PkiError::Name {
+            name: match &id.namespace {
+                Some(ns) => format!("{ns}/{}", id.name),
+                None => id.name.clone(),
+            },
+            why,
+        })
+    };
+    if id.name.is_empty() {
+        return err("it is empty");
+    }
+    let dns = id.dns_name();
+    if dns.len() > MAX_DNS_NAME {
+        return err("it is too long for a DNS name (253 characters with the .<kind>.dmvpn suffix)");
+    }
+    for label in dns.split('.') {
+        if label.is_empty() {
+            return err("it has an empty label (leading, trailing or doubled '.')");
+        }
+        if label.len() > 63 {
+            return err("a label is longer than 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return err("it contains a character other than letters, digits, '-' and '.'");
+        }
+    }
+    Ok(())
 }
 
 /// Which kind of object an identity belongs to (used in the URI and DNS SAN).
@@ -77,7 +124,26 @@ impl IdentityKind {
     }
 }
 
-/// What a leaf certificate is for.
+impl fmt::Display for IdentityKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for IdentityKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hub" => Ok(Self::Hub),
+            "spoke" => Ok(Self::Spoke),
+            _ => Err(format!("unknown kind {s:?}: use \"hub\" or \"spoke\"")),
+        }
+    }
+}
+
+/// What a leaf certificate is for. `name` and `namespace` must be DNS labels separated by '.'
+/// (Kubernetes object names are); [`CertificateAuthority::issue`] refuses others.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub kind: IdentityKind,
@@ -267,6 +333,7 @@ impl CertificateAuthority {
                 got: lifetime,
             });
         }
+        check_names(id)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, id.name.as_str());
@@ -329,7 +396,8 @@ impl CertificateAuthority {
     }
 }
 
-fn parse_pem_certs(pem: &str) -> Result<Vec<Vec<u8>>, PkiError> {
+/// The DER bodies of every CERTIFICATE block of a PEM text, in order (at least one).
+pub fn certs_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, PkiError> {
     let mut out = Vec::new();
     for item in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
         let item = item.map_err(|e| PkiError::Parse(e.to_string()))?;
@@ -392,17 +460,28 @@ fn info_of(cert: &X509Certificate<'_>) -> CertInfo {
 
 /// Reads the first certificate of a PEM bundle.
 pub fn inspect(cert_pem: &str) -> Result<CertInfo, PkiError> {
-    let ders = parse_pem_certs(cert_pem)?;
+    let ders = certs_from_pem(cert_pem)?;
     let der = ders
         .first()
         .ok_or_else(|| PkiError::Parse("empty bundle".to_owned()))?;
+    inspect_der(der)
+}
+
+/// Reads one DER certificate.
+pub fn inspect_der(der: &[u8]) -> Result<CertInfo, PkiError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse(e.to_string()))?;
     Ok(info_of(&cert))
 }
 
+/// A PEM private key (PKCS#8, as [`CertificateAuthority::issue`] writes it) as PKCS#8 DER, the
+/// form IKE signs with.
+pub fn key_pkcs8_from_pem(key_pem: &str) -> Result<Vec<u8>, PkiError> {
+    Ok(KeyPair::from_pem(key_pem)?.serialize_der())
+}
+
 /// Reads every certificate of a PEM bundle.
 pub fn inspect_bundle(pem: &str) -> Result<Vec<CertInfo>, PkiError> {
-    parse_pem_certs(pem)?
+    certs_from_pem(pem)?
         .iter()
         .map(|der| {
             X509Certificate::from_der(der)
@@ -415,7 +494,7 @@ pub fn inspect_bundle(pem: &str) -> Result<Vec<CertInfo>, PkiError> {
 /// Checks that `cert_pem` was signed by one of the CAs in `ca_bundle_pem` and that both are
 /// valid at `now`. This is what a peer does with a certificate during the rotation overlap.
 pub fn verify(cert_pem: &str, ca_bundle_pem: &str, now: SystemTime) -> Result<CertInfo, PkiError> {
-    let ders = parse_pem_certs(cert_pem)?;
+    let ders = certs_from_pem(cert_pem)?;
     let der = ders
         .first()
         .ok_or_else(|| PkiError::Parse("empty bundle".to_owned()))?;
@@ -427,7 +506,7 @@ pub fn verify(cert_pem: &str, ca_bundle_pem: &str, now: SystemTime) -> Result<Ce
             not_after: info.not_after,
         });
     }
-    for ca_der in parse_pem_certs(ca_bundle_pem)? {
+    for ca_der in certs_from_pem(ca_bundle_pem)? {
         let Ok((_, ca)) = X509Certificate::from_der(&ca_der) else {
             continue;
         };
@@ -563,5 +642,143 @@ mod tests {
             ca.issue(&id("10.0.0.1"), now, Duration::from_secs(2)),
             Err(PkiError::Lifetime { .. })
         ));
+    }
+
+    fn standalone(name: &str, addr: &str) -> Identity {
+        Identity {
+            kind: IdentityKind::Spoke,
+            namespace: None,
+            name: name.to_owned(),
+            tunnel_address: addr.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn cluster_scoped_names_and_kinds() {
+        let hub = Identity {
+            kind: IdentityKind::Hub,
+            ..standalone("hub1", "10.42.0.1")
+        };
+        assert_eq!(hub.uri(), "dmvpn://hub/hub1");
+        assert_eq!(hub.dns_name(), "hub1.hub.dmvpn");
+        let spoke = standalone("spoke1", "10.42.0.2");
+        assert_eq!(spoke.uri(), "dmvpn://spoke/spoke1");
+        assert_eq!(spoke.dns_name(), "spoke1.spoke.dmvpn");
+        assert_eq!("hub".parse::<IdentityKind>(), Ok(IdentityKind::Hub));
+        assert_eq!("spoke".parse::<IdentityKind>(), Ok(IdentityKind::Spoke));
+        assert!(
+            "Hub"
+                .parse::<IdentityKind>()
+                .unwrap_err()
+                .contains("\"hub\"")
+        );
+        assert_eq!(IdentityKind::Hub.to_string(), "hub");
+    }
+
+    /// The IKE side checks chain, validity, the ipsecIKE usage and the IP SAN with webpki:
+    /// a certificate from here must pass exactly those checks.
+    #[test]
+    fn leaf_passes_the_ike_verifier_for_its_tunnel_address_only() {
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate("test CA", now, Duration::from_secs(86400 * 30))
+            .unwrap();
+        let leaf = ca
+            .issue(
+                &standalone("spoke1", "10.42.0.2"),
+                now,
+                Duration::from_secs(86400),
+            )
+            .unwrap();
+        let der = certs_from_pem(&leaf.cert_pem).unwrap().remove(0);
+        let info = inspect_der(&der).unwrap();
+        assert_eq!(
+            info.ip_addresses,
+            vec!["10.42.0.2".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(info.dns_names, vec!["spoke1.spoke.dmvpn".to_owned()]);
+        assert_eq!(info.uris, vec!["dmvpn://spoke/spoke1".to_owned()]);
+        let ca_der = certs_from_pem(ca.cert_pem()).unwrap().remove(0);
+        let ee_der = rustls_pki_types::CertificateDer::from(der.as_slice());
+        let ee = webpki::EndEntityCert::try_from(&ee_der).unwrap();
+        let ca_der = rustls_pki_types::CertificateDer::from(ca_der.as_slice());
+        let anchor = webpki::anchor_from_trusted_cert(&ca_der).unwrap();
+        let ike_eku: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x11];
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::required(ike_eku),
+            None,
+            None,
+        )
+        .unwrap();
+        let ip =
+            rustls_pki_types::ServerName::IpAddress("10.42.0.2".parse::<IpAddr>().unwrap().into());
+        assert!(ee.verify_is_valid_for_subject_name(&ip).is_ok());
+        let other =
+            rustls_pki_types::ServerName::IpAddress("10.42.0.3".parse::<IpAddr>().unwrap().into());
+        assert!(ee.verify_is_valid_for_subject_name(&other).is_err());
+        // The key is the one the certificate names, in the PKCS#8 form IKE signs with.
+        let pkcs8 = key_pkcs8_from_pem(&leaf.key_pem).unwrap();
+        let signer = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &pkcs8,
+        )
+        .unwrap();
+        let sig = signer
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), b"AUTH payload")
+            .unwrap();
+        ee.verify_signature(
+            webpki::aws_lc_rs::ECDSA_P256_SHA256,
+            b"AUTH payload",
+            sig.as_ref(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn names_that_make_no_dns_name_are_refused() {
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate("c", now, Duration::from_secs(86400)).unwrap();
+        let life = Duration::from_secs(600);
+        for bad in ["", "a b", "a/b", ".hidden", "a..b", "a_b", &"x".repeat(64)] {
+            let e = ca
+                .issue(&standalone(bad, "10.42.0.2"), now, life)
+                .unwrap_err();
+            assert!(matches!(e, PkiError::Name { .. }), "{bad:?}: {e}");
+            assert!(e.to_string().contains("DNS labels"), "{e}");
+        }
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(50)
+        );
+        assert!(matches!(
+            ca.issue(&standalone(&long, "10.42.0.2"), now, life),
+            Err(PkiError::Name { .. })
+        ));
+        let bad_ns = Identity {
+            namespace: Some("a b".to_owned()),
+            ..standalone("ok", "10.42.0.2")
+        };
+        let e = ca.issue(&bad_ns, now, life).unwrap_err();
+        assert!(e.to_string().contains("\"a b/ok\""), "{e}");
+        // Dotted names, upper case and the longest label are fine.
+        for good in ["node-1.site.example", "Spoke1", &"x".repeat(63)] {
+            ca.issue(&standalone(good, "10.42.0.2"), now, life).unwrap();
+        }
+    }
+
+    #[test]
+    fn key_and_der_garbage_are_errors() {
+        assert!(key_pkcs8_from_pem("not a key").is_err());
+        assert!(matches!(
+            inspect_der(&[0x30, 0x03, 1, 2]),
+            Err(PkiError::Parse(_))
+        ));
+        assert!(matches!(certs_from_pem(""), Err(PkiError::Parse(_))));
     }
 }
