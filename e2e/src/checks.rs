@@ -42,7 +42,7 @@ pub struct Report {
     pub purge_ms: Option<u64>,
     /// IPsec: time to establish the spoke1-spoke2 SA (from the initiator's first IKE_SA_INIT
     /// to its CHILD SA), as the initiating spoke reports it in `show dmvpn`.
-    pub ike_ms: Option<u64>,
+    pub ike_ms: Option<f64>,
     /// IPsec with `--pcap`: ESP packets on the underlay, and IPv4 packets from the NBMA
     /// network that were neither IKE (UDP 500/4500) nor ESP after the first IKE packet.
     pub underlay_esp_packets: Option<u64>,
@@ -77,13 +77,13 @@ impl Report {
 }
 
 /// `established_ms` of the IKE peer `nbma` in a spoke's `show dmvpn`.
-fn established_ms(lab: &Lab, spoke: usize, nbma: Ipv4Addr) -> Option<u64> {
+fn established_ms(lab: &Lab, spoke: usize, nbma: Ipv4Addr) -> Option<f64> {
     let d = lab.spoke(spoke).control("show_dmvpn").ok()?;
     d.pointer("/ipsec/peers")?
         .as_array()?
         .iter()
         .find(|p| p["nbma_address"] == nbma.to_string())
-        .and_then(|p| p["established_ms"].as_u64())
+        .and_then(|p| p["established_ms"].as_f64())
 }
 
 /// The spoke-to-spoke SA is up; its set-up time is `ike_ms`.
@@ -93,7 +93,7 @@ fn ike_check(lab: &Lab, r: &mut Report) {
     r.ike_ms = [established_ms(lab, 1, n2), established_ms(lab, 2, n1)]
         .into_iter()
         .flatten()
-        .min();
+        .reduce(f64::min);
     r.check(
         "ike",
         r.ike_ms.is_some(),

@@ -38,7 +38,7 @@ const SA_LIMIT_CHECK: Duration = Duration::from_secs(10);
 const REKEY_HOLD_OFF: Duration = Duration::from_secs(30);
 
 /// IKE state of one peer (by NBMA address), for `show dmvpn`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IkePeerView {
     /// The peer's NBMA address.
     pub nbma_address: IpAddr,
@@ -54,7 +54,7 @@ pub struct IkePeerView {
     /// CHILD SAs up with this peer (more than one while a rekey overlaps).
     pub child_sas: usize,
     /// Time from our first IKE_SA_INIT to the first CHILD SA, when we initiated.
-    pub established_ms: Option<u64>,
+    pub established_ms: Option<f64>,
     /// Reason of the last failure: NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED,
     /// TS_UNACCEPTABLE, TIMEOUT, IDENTITY_MISMATCH, PEER_ERROR_<n>, PROTOCOL_ERROR.
     pub last_error_reason: Option<String>,
@@ -65,7 +65,7 @@ pub struct IkePeerView {
 }
 
 /// `ipsec` in `show dmvpn`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IpsecView {
     /// "psk" or "certificate".
     pub auth: String,
@@ -118,7 +118,7 @@ struct PeerState {
     nat: bool,
     child_sas: usize,
     started: Option<Instant>,
-    established_ms: Option<u64>,
+    established_ms: Option<f64>,
     last_error: Option<(String, String)>,
     failures: BTreeMap<String, u64>,
     retry_at: Option<Instant>,
@@ -596,10 +596,10 @@ impl Ike {
                 // set; a rekey or a negotiation the peer started does not.
                 let initiated = rekeys.is_none() && p.started.is_some();
                 if let Some(t) = p.started.take() {
-                    p.established_ms = Some(
-                        u64::try_from(now.saturating_duration_since(t).as_millis())
-                            .unwrap_or(u64::MAX),
-                    );
+                    // Milliseconds with microsecond resolution: a local IKE exchange can
+                    // take well under a millisecond.
+                    let us = now.saturating_duration_since(t).as_micros();
+                    p.established_ms = Some(us as f64 / 1000.0);
                 }
                 out.push(SaChange::Up {
                     peer,

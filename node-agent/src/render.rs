@@ -194,7 +194,7 @@ pub fn dmvpn(v: &DmvpnView) -> String {
                 p.identity.clone().unwrap_or_else(|| "-".into()),
                 if p.nat { "yes" } else { "no" }.into(),
                 p.child_sas.to_string(),
-                opt(p.established_ms),
+                opt(p.established_ms.map(|ms| format!("{ms:.2}"))),
                 p.last_error.clone().unwrap_or_else(|| "-".into()),
             ]);
         }

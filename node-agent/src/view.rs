@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Reply to `show_dmvpn`: this node and one row per tunnel peer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DmvpnView {
     /// The TUN device carrying the overlay.
     pub interface: String,

@@ -357,8 +357,8 @@ fn hub_and_two_spokes(lab: &mut Lab, ipsec: [String; 3]) {
     let ms = [ike_peer(&d, "198.51.100.3"), ike_peer(&d2, "198.51.100.2")]
         .iter()
         .flatten()
-        .filter_map(|p| p["established_ms"].as_u64())
-        .max();
+        .filter_map(|p| p["established_ms"].as_f64())
+        .reduce(f64::max);
     assert!(
         ms.is_some(),
         "no established_ms on either spoke: {d:#}\n{d2:#}"
