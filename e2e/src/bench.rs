@@ -74,16 +74,18 @@ pub enum Kind {
     VethDirect,
     Routed,
     IpsecShortcut,
+    IpsecUdpShortcut,
     IpsecHub,
     GreShortcut,
     Strongswan,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::VethDirect,
         Kind::Routed,
         Kind::IpsecShortcut,
+        Kind::IpsecUdpShortcut,
         Kind::IpsecHub,
         Kind::GreShortcut,
         Kind::Strongswan,
@@ -94,6 +96,7 @@ impl Kind {
             Kind::VethDirect => "veth-direct",
             Kind::Routed => "routed",
             Kind::IpsecShortcut => "ipsec-shortcut",
+            Kind::IpsecUdpShortcut => "ipsec-udp-shortcut",
             Kind::IpsecHub => "ipsec-hub",
             Kind::GreShortcut => "gre-shortcut",
             Kind::Strongswan => "strongswan",
@@ -107,6 +110,9 @@ impl Kind {
                 "baseline: LAN1-spoke1-bridge-spoke2-LAN2 routed in clear (veth hops, no tunnel)"
             }
             Kind::IpsecShortcut => "dmvpn-agent, IKEv2+ESP, phase 3, spoke-to-spoke shortcut",
+            Kind::IpsecUdpShortcut => {
+                "dmvpn-agent, IKEv2+ESP in UDP 4500 (force_udp_encap: UDP GSO/GRO), phase 3 shortcut"
+            }
             Kind::IpsecHub => "dmvpn-agent, IKEv2+ESP, phase 1, via the hub (hairpin)",
             Kind::GreShortcut => "dmvpn-agent, clear GRE (no IPsec), phase 3 shortcut",
             Kind::Strongswan => {
@@ -130,12 +136,15 @@ impl Kind {
     fn uses_agents(self) -> bool {
         matches!(
             self,
-            Kind::IpsecShortcut | Kind::IpsecHub | Kind::GreShortcut
+            Kind::IpsecShortcut | Kind::IpsecUdpShortcut | Kind::IpsecHub | Kind::GreShortcut
         )
     }
 
     fn wants_shortcut(self) -> bool {
-        matches!(self, Kind::IpsecShortcut | Kind::GreShortcut)
+        matches!(
+            self,
+            Kind::IpsecShortcut | Kind::IpsecUdpShortcut | Kind::GreShortcut
+        )
     }
 }
 
@@ -363,7 +372,7 @@ fn setup(kind: Kind, agent: Option<&Path>) -> Result<Setup> {
         Kind::VethDirect => setup_veth(),
         Kind::Routed => setup_routed(),
         Kind::Strongswan => setup_strongswan(),
-        Kind::IpsecShortcut | Kind::IpsecHub | Kind::GreShortcut => {
+        Kind::IpsecShortcut | Kind::IpsecUdpShortcut | Kind::IpsecHub | Kind::GreShortcut => {
             let agent = agent.ok_or_else(|| anyhow!("no agent binary"))?;
             setup_agents(kind, agent)
         }
@@ -464,6 +473,13 @@ fn setup_agents(kind: Kind, agent: &Path) -> Result<Setup> {
     spec.phase = if kind == Kind::IpsecHub { 1 } else { 3 };
     if kind == Kind::GreShortcut {
         spec.ipsec_psk = None;
+    }
+    if kind == Kind::IpsecUdpShortcut {
+        spec.tweak = Some(Box::new(|_, t: &mut toml::Table| {
+            if let Some(toml::Value::Table(ipsec)) = t.get_mut("ipsec") {
+                ipsec.insert("force_udp_encap".into(), toml::Value::Boolean(true));
+            }
+        }));
     }
     let mut lab = Lab::build(spec)?;
     if let Err(e) = lab.start_agents() {
