@@ -43,9 +43,11 @@ const INBOUND_GRACE: Duration = Duration::from_secs(2);
 /// peer's first packet on the paired inbound SA comes earlier (see `SaChange::Up`).
 const OUTBOUND_DELAY: Duration = Duration::from_millis(200);
 
-/// Queued NHRP packets go out this long after their peer's outbound SA is installed: the
-/// peer may still be processing the IKE message that completes the SA on its side, and its
-/// ESP receive task would drop what arrives before (two sockets, two tasks).
+/// Queued NHRP packets go out this long after their peer's outbound SA is installed when we
+/// do not know that the peer has its inbound half: it may still be processing the IKE message
+/// that completes the SA on its side, and its ESP receive task would drop what arrives before
+/// (two sockets, two tasks). When we initiated, the responder installed its SAs before its
+/// IKE_AUTH response left; when the peer already sent on the SA, it has it: no wait then.
 const NHRP_FLUSH_DELAY: Duration = Duration::from_millis(30);
 
 /// An outbound SA waiting for the peer to use the paired inbound SA, or `OUTBOUND_DELAY`.
@@ -602,7 +604,8 @@ impl Agent {
                 }
                 let udp_port = keys.udp_encap.map(|(_, remote)| remote);
                 if use_now {
-                    self.install_outbound(peer, out, udp_port).await;
+                    self.install_outbound(peer, out, udp_port, Duration::ZERO)
+                        .await;
                 } else {
                     self.pending_out.push(PendingOut {
                         at: now + OUTBOUND_DELAY,
@@ -642,22 +645,28 @@ impl Agent {
             .partition(|o| o.at <= now || Some(o.spi_in) == active || Some(o.peer) == replacing);
         self.pending_out = rest;
         for o in due {
-            self.install_outbound(o.peer, o.sa, o.udp_port).await;
+            let peer_has_it = Some(o.spi_in) == active;
+            let settle = if peer_has_it {
+                Duration::ZERO
+            } else {
+                NHRP_FLUSH_DELAY
+            };
+            self.install_outbound(o.peer, o.sa, o.udp_port, settle)
+                .await;
         }
     }
 
-    /// Installs an outbound SA; the NHRP packets that waited for it go out now.
+    /// Installs an outbound SA; the NHRP packets that waited for it go out after `settle`.
     async fn install_outbound(
         &mut self,
         peer: IpAddr,
         out: dmvpn_esp::OutboundSa,
         udp_port: Option<u16>,
+        settle: Duration,
     ) {
         let Some(p) = &self.plane else { return };
         match p.dp.install_outbound(peer, out, udp_port) {
-            Ok(()) => self
-                .nhrp_flush
-                .push((Instant::now() + NHRP_FLUSH_DELAY, peer)),
+            Ok(()) => self.nhrp_flush.push((Instant::now() + settle, peer)),
             Err(e) => {
                 self.counters.sa_install_errors += 1;
                 tracing::warn!(%peer, "installing the outbound SA: {e}");
