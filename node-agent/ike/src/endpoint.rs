@@ -464,6 +464,21 @@ fn find<T>(payloads: &[Payload], f: impl Fn(&Payload) -> Option<&T>) -> Option<&
     payloads.iter().find_map(f)
 }
 
+/// The TSi and TSr payloads of a message, when present.
+fn traffic_selectors(
+    payloads: &[Payload],
+) -> (Option<&Vec<TrafficSelector>>, Option<&Vec<TrafficSelector>>) {
+    let tsi = find(payloads, |x| match x {
+        Payload::TsI(t) => Some(t),
+        _ => None,
+    });
+    let tsr = find(payloads, |x| match x {
+        Payload::TsR(t) => Some(t),
+        _ => None,
+    });
+    (tsi, tsr)
+}
+
 fn has_notify(payloads: &[Payload], kind: u16) -> bool {
     wire::notifies(payloads).any(|n| n.kind == kind)
 }
@@ -2535,20 +2550,7 @@ impl IkeSa {
             );
             return;
         }
-        let tsi = find(inner, |x| {
-            if let Payload::TsI(t) = x {
-                Some(t)
-            } else {
-                None
-            }
-        });
-        let tsr = find(inner, |x| {
-            if let Payload::TsR(t) = x {
-                Some(t)
-            } else {
-                None
-            }
-        });
+        let (tsi, tsr) = traffic_selectors(inner);
         let (Some(tsi), Some(tsr)) = (tsi, tsr) else {
             ctx.fail(
                 peer,
@@ -2619,20 +2621,7 @@ impl IkeSa {
                 "no acceptable ESP proposal",
             );
         };
-        let tsi = find(inner, |x| {
-            if let Payload::TsI(t) = x {
-                Some(t)
-            } else {
-                None
-            }
-        });
-        let tsr = find(inner, |x| {
-            if let Payload::TsR(t) = x {
-                Some(t)
-            } else {
-                None
-            }
-        });
+        let (tsi, tsr) = traffic_selectors(inner);
         let ts = match (tsi, tsr) {
             (Some(tsi), Some(tsr)) => {
                 narrow_ts(ctx.config, ctx.config.local_addr, peer, self.nat, tsi, tsr)
